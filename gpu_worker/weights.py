@@ -8,9 +8,10 @@ differs) -> assign (`load_state_dict(assign=True)`, tie embeddings).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -136,9 +137,24 @@ def read_generation_config(model_dir: Path) -> list[int]:
 # ---- plan (pure) ----
 
 
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """No-op torch.nn.init during construction (as accelerate's init_empty_weights does): on the
+    meta device init does nothing useful, and normal_ there would import torch._dynamo (~2 s)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
 def build_meta_model(config: ModelConfig) -> Transformer:
     """The module tree with parameters on the meta device: shapes only, nothing allocated."""
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         return Transformer(config)
 
 
