@@ -630,7 +630,7 @@ async def _metadata(kafka: KafkaSettings, timeout_s: float) -> dict[str, object]
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(
-        **kafka.aiokafka_kwargs(),  # type: ignore[arg-type]
+        **kafka.aiokafka_kwargs(),
         request_timeout_ms=int(timeout_s * 1000),
         client_id="ember-probe",
     )
