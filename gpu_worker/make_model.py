@@ -11,6 +11,7 @@ Nothing is downloaded.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -111,9 +112,9 @@ def make_corpus(n_lines: int, seed: int) -> Iterator[str]:
     rng = random.Random(seed)
     made_up = sorted({"".join(rng.choices(_SYLLABLES, k=rng.randint(2, 4))) for _ in range(n_lines)})
     vocab = _WORDS + made_up
-    weights = [1.0 / (i + 1) ** 0.8 for i in range(len(vocab))]
+    cum_weights = list(itertools.accumulate(1.0 / (i + 1) ** 0.8 for i in range(len(vocab))))
     for i in range(n_lines):
-        words = rng.choices(vocab, weights, k=rng.randint(4, 16))
+        words = rng.choices(vocab, cum_weights=cum_weights, k=rng.randint(4, 16))
         if rng.random() < 0.3:
             words.insert(rng.randrange(len(words)), rng.choice(_NON_ASCII))
         line = " ".join(words)
