@@ -113,7 +113,9 @@ def is_valid_reply_topic(name: str) -> bool:
 
 ID = Text(max_len=MAX_ID_CHARS, pattern=r"[A-Za-z0-9._:-]+", shape="made of [A-Za-z0-9._:-]")
 MODEL = Text(max_len=MAX_MODEL_CHARS, pattern=r"[!-~]+", shape="printable ASCII without spaces")
-NAME = Text(max_len=MAX_NAME_CHARS, pattern=r"[a-z][a-z0-9_.]*", shape="made of [a-z0-9_.]")
+NAME = Text(
+    max_len=MAX_NAME_CHARS, pattern=r"[a-z][a-z0-9_.]*", shape="matching [a-z][a-z0-9_.]*"
+)
 TOPIC = Text(max_len=MAX_TOPIC_CHARS, rule=is_valid_topic_name, shape="a Kafka topic name")
 REPLY_TOPIC = Text(
     max_len=MAX_TOPIC_CHARS,
