@@ -281,11 +281,11 @@ async def apply_topics(
         missing = [plan.spec for plan in plans if plan.action is TopicAction.CREATE]
         if missing and not dry_run:
             existed = await _create(admin, missing)
-            if existed:  # someone else created them in between: judge them as existing
+            await _wait_for_leaders(admin, [spec.name for spec in missing])
+            if existed:  # created by someone else meanwhile: judge them as existing topics
                 raced = await observe_topics(admin, sorted(existed))
-                for plan in plan_topics([plans_by_name[n].spec for n in existed], raced):
+                for plan in plan_topics([plans_by_name[n].spec for n in sorted(existed)], raced):
                     plans_by_name[plan.name] = plan
-            await _wait_for_leaders(admin, [s.name for s in missing if s.name not in existed])
     except KafkaError as exc:
         raise TopicsError(
             f"Kafka at {settings.bootstrap_servers} failed while applying topics ({exc!r}); "
