@@ -68,9 +68,7 @@ def routes_table() -> str:
         schema = cls.SCHEMA
         for route in schema.routes:
             topic = "the request's `reply_topic`" if route.topic == "*" else f"`{route.topic}`"
-            rows.append(
-                f"| `{schema.name}` | `{schema.header_value}` | {topic} | `{route.key}` |"
-            )
+            rows.append(f"| `{schema.name}` | `{schema.header_value}` | {topic} | `{route.key}` |")
     return "\n".join(rows)
 
 

@@ -488,23 +488,3 @@ def write_fields(specs: tuple[FieldSpec, ...], obj: Any) -> dict[str, Any]:
         if value is not None:
             out[fs.name] = fs.check.write(value)
     return out
-
-
-__all__ = [
-    "Blob",
-    "Bool",
-    "Check",
-    "FieldSpec",
-    "Float",
-    "Int",
-    "Invalid",
-    "ListOf",
-    "Nested",
-    "REQUIRED",
-    "ScalarMap",
-    "Text",
-    "field_specs",
-    "read_fields",
-    "spec",
-    "write_fields",
-]

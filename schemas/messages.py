@@ -113,9 +113,7 @@ def is_valid_reply_topic(name: str) -> bool:
 
 ID = Text(max_len=MAX_ID_CHARS, pattern=r"[A-Za-z0-9._:-]+", shape="made of [A-Za-z0-9._:-]")
 MODEL = Text(max_len=MAX_MODEL_CHARS, pattern=r"[!-~]+", shape="printable ASCII without spaces")
-NAME = Text(
-    max_len=MAX_NAME_CHARS, pattern=r"[a-z][a-z0-9_.]*", shape="matching [a-z][a-z0-9_.]*"
-)
+NAME = Text(max_len=MAX_NAME_CHARS, pattern=r"[a-z][a-z0-9_.]*", shape="matching [a-z][a-z0-9_.]*")
 TOPIC = Text(max_len=MAX_TOPIC_CHARS, rule=is_valid_topic_name, shape="a Kafka topic name")
 REPLY_TOPIC = Text(
     max_len=MAX_TOPIC_CHARS,
@@ -397,9 +395,7 @@ class TokenChunk(Message):
     finish_reason: FinishReason | None = spec(
         Text(max_len=16, choices=FINISH_REASONS), default=None, doc="set on the last chunk only"
     )
-    error_code: str | None = spec(
-        NAME, default=None, doc="why it failed; see the well-known codes"
-    )
+    error_code: str | None = spec(NAME, default=None, doc="why it failed; see the well-known codes")
     error_message: str | None = spec(REASON, default=None, doc="for a person; never user text")
     submitted_at: int = spec(TIMESTAMP, doc="copied from the request")
     first_token_at: int | None = spec(
