@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import msgpack
 import pytest
 
@@ -130,7 +131,7 @@ def test_another_major_version_of_a_nested_request_is_rejected() -> None:
         "prompt_bucket": 128,
         "admitted_at": 5,
     }
-    with pytest.raises(VersionError, match="version 2.0 cannot be read"):
+    with pytest.raises(VersionError, match=re.escape("version 2.0 cannot be read")):
         decode(AdmittedRequest, pack(admitted))
 
 
@@ -138,15 +139,17 @@ def test_the_header_is_checked_when_given() -> None:
     data = pack(PLAIN_REQUEST)
     assert decode(Request, data, [(SCHEMA_HEADER, b"request/1.3")]).request_id == "req-42"
     assert decode(Request, data, [("other", b"x")]).request_id == "req-42"
-    with pytest.raises(VersionError, match="header ember-schema: says request/2.0"):
+    with pytest.raises(VersionError, match=re.escape("header ember-schema: says request/2.0")):
         decode(Request, data, [(SCHEMA_HEADER, b"request/2.0")])
-    with pytest.raises(ValidationError, match="says token_chunk/1.0, expected request/1.x"):
+    with pytest.raises(
+        ValidationError, match=re.escape("says token_chunk/1.0, expected request/1.x")
+    ):
         decode(Request, data, [(SCHEMA_HEADER, b"token_chunk/1.0")])
 
 
 def test_decode_by_schema_name() -> None:
     assert decode("request", pack(PLAIN_REQUEST)) == request()
-    with pytest.raises(SchemaError, match="unknown schema 'requests'"):
+    with pytest.raises(SchemaError, match=re.escape("unknown schema 'requests'")):
         decode("requests", pack(PLAIN_REQUEST))
 
 
@@ -175,7 +178,7 @@ def test_keys_follow_the_topic() -> None:
     assert key_for(admitted, "ember.admitted") == b"org/llama"
     assert key_for(admitted, "ember.model.org_llama") == b"req-42"
     assert key_for(admitted) == b"org/llama"
-    with pytest.raises(SchemaError, match="does not go to topic 'ember.requests'"):
+    with pytest.raises(SchemaError, match=re.escape("does not go to topic 'ember.requests'")):
         key_for(admitted, "ember.requests")
     event = LifecycleEvent(worker_id="w-1", model="tiny", kind="state", state="ready", at=1)
     assert key_for(event, "ember.lifecycle") == b"tiny"
@@ -191,7 +194,7 @@ def test_headers_name_schema_and_version() -> None:
     assert parse_schema_header([]) is None and parse_schema_header(None) is None
     assert str(SchemaRef("request", 1, 0)) == "request/1.0"
     for bad in (b"request", b"request/1", b"/1.0", b"request/v1.0"):
-        with pytest.raises(DecodeError, match="must look like 'request/1.0'"):
+        with pytest.raises(DecodeError, match=re.escape("must look like 'request/1.0'")):
             parse_schema_header([("ember-schema", bad)])
 
 
@@ -215,7 +218,7 @@ def test_a_record_has_topic_key_value_and_headers() -> None:
     )
     assert decode(TokenChunk, rec.value, rec.headers) == chunk
     assert record_for(r).topic == "ember.requests"
-    with pytest.raises(SchemaError, match="has no default topic"):
+    with pytest.raises(SchemaError, match=re.escape("has no default topic")):
         record_for(chunk)
 
 
