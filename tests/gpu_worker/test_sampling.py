@@ -11,6 +11,15 @@ from gpu_worker.scheduler import InvalidSamplingParams
 V = 50
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Many tiny ops on a shared 2-core box: OpenMP threads contend, so run on one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rand_logits(b: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(b, V, generator=torch.Generator().manual_seed(seed)) * 3
 
