@@ -75,7 +75,12 @@ class EngineRequest:
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What one request got in one step. Times are seconds on the engine's clock."""
+    """What one request got in one step. Times are seconds on the engine's clock.
+
+    `token_ids` holds every sampled id, the EOS or stop token and the token that completed a
+    stop string included; `text` never holds special tokens or the stop string. Joining all
+    of a request's `text` gives its output text.
+    """
 
     request_id: str
     token_ids: list[int]  # sampled this step (one, or none for a cancel/error)

@@ -115,3 +115,29 @@ def test_invalid_params_are_rejected(kwargs):
 
 def test_stop_lists_become_tuples():
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+
+
+def test_ties_at_the_cut_are_kept_together():
+    logits = torch.tensor([[3.0, 3.0, 1.0, 0.0]])
+    gen, _ = make_generator(0)
+    seen = {int(sample(logits, [SamplingParams(temperature=1, top_k=1)], [gen])) for _ in range(100)}
+    assert seen == {0, 1}
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.95), (0, 0.3), (700, 0.9), (5, 0.99), (300, 1.0)])
+def test_cut_equals_full_sort_reference(top_k, top_p):
+    """The CPU path widens a topk head until it holds the nucleus; compare with a full sort."""
+    from gpu_worker.sampling import _top_k_top_p_threshold
+
+    vocab = 1000
+    scaled = torch.randn(3, vocab, generator=torch.Generator().manual_seed(top_k))  # flat-ish
+    k = top_k or vocab
+    threshold = _top_k_top_p_threshold(scaled, [k] * 3, [top_p] * 3)
+    for row in range(3):
+        values, order = scaled[row].sort(descending=True)
+        kept = order[:k]
+        probs = values[:k].softmax(-1)
+        n = int(((probs.cumsum(-1) - probs) < top_p).sum())
+        assert set((scaled[row] >= threshold[row]).nonzero().flatten().tolist()) == set(
+            kept[:n].tolist()
+        )
