@@ -1,7 +1,7 @@
 """Generate the tables of docs/PROTOCOL.md from the message classes, so the doc cannot drift.
 
 The doc holds blocks between `<!-- generated:NAME -->` and `<!-- /generated -->`; NAME is
-`routes`, `limits` or a schema name (`request`, `token_chunk`, ...).
+`topics`, `routes`, `limits` or a schema name (`request`, `token_chunk`, ...).
 
     python -m schemas.docgen docs/PROTOCOL.md          # rewrite the blocks in place
     python -m schemas.docgen --check docs/PROTOCOL.md  # exit 1 when they are stale
@@ -17,6 +17,7 @@ from pathlib import Path
 from schemas import limits
 from schemas.fields import REQUIRED, FieldSpec, field_specs
 from schemas.messages import MESSAGE_TYPES, Message
+from schemas.topics import MODEL_TOPIC_PARTITIONS, TopicSpec, core_topics, model_topic
 
 _BLOCK = re.compile(r"(<!-- generated:(\w+) -->\n)(.*?)(<!-- /generated -->)", re.DOTALL)
 
@@ -72,6 +73,22 @@ def routes_table() -> str:
     return "\n".join(rows)
 
 
+def _retention(spec: TopicSpec) -> str:
+    if spec.configs.get("cleanup.policy") == "compact":
+        return "compacted"
+    hours = int(spec.configs.get("retention.ms", "0")) // 3_600_000
+    return f"{hours // 24} d" if hours >= 24 and hours % 24 == 0 else f"{hours} h"
+
+
+def topics_table() -> str:
+    rows = ["| topic | partitions | retention | holds |", "|---|---|---|---|"]
+    example = model_topic("{model}", MODEL_TOPIC_PARTITIONS)
+    for spec in [*core_topics(), example]:
+        name = spec.name.replace("_model_", "{model}")
+        rows.append(f"| `{name}` | {spec.partitions} | {_retention(spec)} | {spec.description} |")
+    return "\n".join(rows)
+
+
 def limits_table() -> str:
     rows = ["| limit | value |", "|---|---|"]
     for name in dir(limits):
@@ -85,6 +102,8 @@ def block(name: str) -> str:
         return routes_table()
     if name == "limits":
         return limits_table()
+    if name == "topics":
+        return topics_table()
     return field_table(MESSAGE_TYPES[name])
 
 
