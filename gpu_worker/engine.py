@@ -247,7 +247,9 @@ class ModelRunner:
         self._in_slots[:b].fill_(self.pad_slot)
         graph.replay()
         replayed = out[:b].clone()
-        eager = self.model(self._in_tokens[:b], self._in_pos[:b], self._in_slots[:b], last_only=True)
+        eager = self.model(
+            self._in_tokens[:b], self._in_pos[:b], self._in_slots[:b], last_only=True
+        )
         if not torch.allclose(replayed, eager, rtol=1e-3, atol=1e-3):
             raise RuntimeError("graph replay differs from eager decode")
 
@@ -264,6 +266,9 @@ class Engine:
 
     `add_request` raises `RequestRejected` (with `.reason`) for a request that cannot run:
     prompt too long for the context, empty, unknown token ids, bad sampling params.
+
+    Not thread-safe: call `add_request`, `cancel` and `step` from one thread (an asyncio loop
+    that runs `step` in an executor queues its adds and cancels for between steps).
     """
 
     def __init__(
@@ -430,6 +435,27 @@ class Engine:
             error=error,
         )
 
+    def warm_up(self, prompt_len: int = 16) -> float:
+        """Run every kernel once (prefill, decode, greedy and cut sampling) so the first user
+        request pays no first-call costs. Returns the seconds it took."""
+        if self.has_work():
+            raise RuntimeError("warm_up() needs an idle engine")
+        started = time.perf_counter()
+        ids = [0] * max(1, min(prompt_len, self.max_seq_len - 2))
+        for rid, params in (
+            ("warm-up-greedy", SamplingParams(max_tokens=2, ignore_eos=True)),
+            (
+                "warm-up-sampled",
+                SamplingParams(2, temperature=1.0, top_k=50, top_p=0.9, seed=0, ignore_eos=True),
+            ),
+        ):
+            self.add_request(EngineRequest(rid, prompt_ids=ids, params=params))
+        while self.has_work():
+            self.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
     # -- single prompt ----------------------------------------------------------------------------
 
     def generate(
@@ -442,10 +468,11 @@ class Engine:
         generator early cancels the request."""
         if self.has_work():
             raise RuntimeError("generate() needs an idle engine; use add_request() and step()")
+        params = params or SamplingParams()
         if isinstance(prompt, str):
-            request = EngineRequest(request_id, prompt=prompt, params=params or SamplingParams())
+            request = EngineRequest(request_id, prompt=prompt, params=params)
         else:
-            request = EngineRequest(request_id, prompt_ids=prompt, params=params or SamplingParams())
+            request = EngineRequest(request_id, prompt_ids=prompt, params=params)
         self.add_request(request)
         finished = False
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -348,7 +348,7 @@ def _tiny_engine(tiny, max_batch):
 )
 def test_tiny_model_same_tokens_alone_and_batched(tiny, params):
     reqs = [
-        EngineRequest(f"r{i}", prompt=t, params=SamplingParams(**{**params.__dict__, "seed": (params.seed or 0) + i}))
+        EngineRequest(f"r{i}", prompt=t, params=replace(params, seed=(params.seed or 0) + i))
         for i, t in enumerate(TEXTS)
     ]
     alone = {}
@@ -432,3 +432,11 @@ def test_cuda_graph_decode_matches_eager(tiny_dir):
     b = run_all(eager, reqs)
     for r in reqs:
         assert tokens_of(a[r.request_id]) == tokens_of(b[r.request_id])
+
+
+def test_warm_up_leaves_the_engine_idle():
+    model = HistoryModel()
+    engine = Engine(model, max_batch=2)
+    assert engine.warm_up() > 0
+    assert not engine.has_work() and engine.free_slots == 2
+    assert (2, 16) in model.calls and (2, 1) in model.calls
