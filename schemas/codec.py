@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar, overload
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 from schemas.errors import (
     DecodeError,
@@ -30,7 +30,7 @@ from schemas.errors import (
     ValidationError,
     VersionError,
 )
-from schemas.fields import Invalid, wire_type_name
+from schemas.fields import Check, Invalid, wire_type_name
 from schemas.limits import (
     MAX_DEAD_LETTER_VALUE_BYTES,
     MAX_MESSAGE_BYTES,
@@ -61,7 +61,8 @@ Headers = Iterable[tuple[str, bytes | None]] | Mapping[str, bytes | None]
 
 def encode(msg: Message) -> bytes:
     """The record value: a msgpack map, `v` first. Bytes are msgpack bin, text is str."""
-    return msgpack.packb(msg.to_map(), use_bin_type=True)
+    data: bytes = msgpack.packb(msg.to_map(), use_bin_type=True)
+    return data
 
 
 def message_type(name: str) -> type[Message]:
@@ -253,7 +254,7 @@ def dead_letter_for(
         reason=reason,  # type: ignore[arg-type]
         error=_clip(message, MAX_REASON_CHARS) or type(error).__name__,
         problems=tuple(FieldProblem(_clip(p.path, 256), _clip(p.problem, 1024)) for p in problems),
-        component=component if component is not None and _valid(NAME, component) else None,
+        component=_checked(NAME, component),
         at=at,
     )
 
@@ -279,12 +280,12 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _valid(check: Any, value: Any) -> bool:
+def _checked(check: Check, value: Any) -> Any:
+    """`value` if `check` accepts it, else None."""
     try:
-        check.read(value)
+        return check.read(value)
     except Invalid:
-        return False
-    return True
+        return None
 
 
 # --- replying to what cannot be decoded --------------------------------------------------
@@ -305,11 +306,8 @@ def reply_route(data: bytes | None) -> ReplyRoute | None:
         value = unpack_map(data)
     except DecodeError:
         return None
-    request_id = value.get("request_id")
-    reply_topic = value.get("reply_topic") or REPLIES
-    submitted_at = value.get("submitted_at")
-    if not (_valid(ID, request_id) and _valid(REPLY_TOPIC, reply_topic)):
+    request_id = _checked(ID, value.get("request_id"))
+    reply_topic = _checked(REPLY_TOPIC, value.get("reply_topic") or REPLIES)
+    if request_id is None or reply_topic is None:
         return None
-    return ReplyRoute(
-        request_id, reply_topic, submitted_at if _valid(TIMESTAMP, submitted_at) else None
-    )
+    return ReplyRoute(request_id, reply_topic, _checked(TIMESTAMP, value.get("submitted_at")))

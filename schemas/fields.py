@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -88,8 +88,9 @@ def number(x: float) -> str:
     return f"{x:g}"
 
 
-class Check(Protocol):
-    wire: str  # msgpack type, as documented
+class Check(Hashable, Protocol):
+    @property
+    def wire(self) -> str: ...  # msgpack type, as documented
 
     def read(self, value: Any) -> Any: ...
 
@@ -301,7 +302,7 @@ class ListOf:
             return False
         if not all(type(v) is int for v in value):
             return False
-        return self.item.min <= min(value) and max(value) <= self.item.max
+        return bool(self.item.min <= min(value) and max(value) <= self.item.max)
 
     def write(self, value: tuple[Any, ...]) -> list[Any]:
         return [self.item.write(v) for v in value]

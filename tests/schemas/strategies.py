@@ -53,22 +53,22 @@ scalars = st.one_of(
 def _text(check: Text) -> st.SearchStrategy[str]:
     if check.choices:
         return st.sampled_from(check.choices)
-    size = {"min_size": check.min_len, "max_size": min(check.max_len, MAX_DRAWN)}
+    low, high = check.min_len, min(check.max_len, MAX_DRAWN)
     if check.pattern == r"[A-Za-z0-9._:-]+":
-        return st.text(ID_ALPHABET, **size)
+        return st.text(ID_ALPHABET, min_size=low, max_size=high)
     if check.pattern == r"[!-~]+":
-        return st.text(MODEL_ALPHABET, **size)
+        return st.text(MODEL_ALPHABET, min_size=low, max_size=high)
     if check.pattern is not None:
         return st.from_regex(check.pattern, fullmatch=True).filter(
             lambda s: check.min_len <= len(s) <= check.max_len
         )
     if check.rule is not None:
         return st.text(TOPIC_ALPHABET, min_size=1, max_size=30).filter(check.rule)
-    return st.text(**size)
+    return st.text(min_size=low, max_size=high)
 
 
 @functools.cache
-def for_check(check: Check) -> st.SearchStrategy[Any]:
+def for_check(check: Any) -> st.SearchStrategy[Any]:
     if isinstance(check, Text):
         return _text(check)
     if isinstance(check, Int):

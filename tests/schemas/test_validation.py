@@ -393,9 +393,9 @@ def test_constructors_normalize_lists_and_numbers() -> None:
         request_id="r-1",
         model="tiny",
         submitted_at=0,
-        prompt_token_ids=[1, 2],
+        prompt_token_ids=[1, 2],  # type: ignore[arg-type]
         temperature=0,
-        stop=["\n\n"],
+        stop=["\n\n"],  # type: ignore[arg-type]
     )
     assert r.prompt_token_ids == (1, 2) and r.stop == ("\n\n",)
     assert isinstance(r.temperature, float) and r.temperature == 0.0
