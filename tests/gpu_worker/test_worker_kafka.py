@@ -1,0 +1,261 @@
+"""The worker loop on the real broker: token streaming, lifecycle, bad input, crash recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import msgpack
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from gpu_worker.delivery import ChunkPolicy
+from gpu_worker.worker import Worker, WorkerConfig, now_ms
+from infra.topics import apply_topics
+from schemas import (
+    AdmittedRequest,
+    DeadLetter,
+    LifecycleEvent,
+    Request,
+    TokenChunk,
+    decode,
+    record_for,
+)
+from schemas.topics import DEADLETTERS, LIFECYCLE, TopicSpec, model_topic
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from gpu_worker.make_model import make_model
+
+    return make_model("tiny", tmp_path_factory.mktemp("models") / "tiny")
+
+
+def expected_greedy(model_dir: Path, prompt: str, max_tokens: int) -> str:
+    from gpu_worker.engine import Engine, EngineRequest
+    from gpu_worker.sampling import SamplingParams
+    from gpu_worker.tokenizer import Tokenizer
+    from gpu_worker.weights import load_model
+
+    engine = Engine(load_model(model_dir), Tokenizer.from_dir(model_dir), max_batch=2)
+    engine.add_request(EngineRequest("x", prompt=prompt, params=SamplingParams(max_tokens)))
+    text = ""
+    while engine.has_work():
+        text += "".join(out.text for out in engine.step())
+    return text
+
+
+async def _topics(kafka_settings, model: str, reply: str) -> None:
+    specs = [model_topic(model, partitions=2), TopicSpec(reply, 1)]
+    await apply_topics(kafka_settings, specs)
+
+
+def admitted(model: str, prompt: str, reply: str, max_tokens: int, **fields) -> AdmittedRequest:
+    now = now_ms()
+    request = Request(
+        request_id=str(uuid.uuid4()),
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        reply_topic=reply,
+        submitted_at=now,
+        **fields,
+    )
+    return AdmittedRequest(
+        request=request, latency_class="interactive", prompt_tokens=len(prompt),
+        prompt_bucket=128, admitted_at=now,
+    )
+
+
+async def produce(kafka_settings, topic: str, partition: int, msgs=(), raw=()) -> None:
+    producer = AIOKafkaProducer(**kafka_settings.aiokafka_kwargs())
+    await producer.start()
+    try:
+        for msg in msgs:
+            rec = record_for(msg, topic)
+            await producer.send_and_wait(
+                topic, rec.value, key=rec.key, headers=rec.headers, partition=partition
+            )
+        for key, value in raw:
+            await producer.send_and_wait(topic, value, key=key, partition=partition)
+    finally:
+        await producer.stop()
+
+
+class Replies:
+    """A client's view of a reply topic: chunks deduplicated by (request_id, seq)."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[str, dict[int, TokenChunk]] = {}
+        self.terminals: dict[str, list[TokenChunk]] = {}
+        self.duplicates = 0
+
+    def add(self, chunk: TokenChunk) -> None:
+        seen = self.chunks.setdefault(chunk.request_id, {})
+        if chunk.seq in seen:
+            self.duplicates += 1
+            assert seen[chunk.seq].text == chunk.text, "a re-sent chunk must carry the same text"
+        seen[chunk.seq] = chunk
+        if chunk.is_last:
+            self.terminals.setdefault(chunk.request_id, []).append(chunk)
+
+    def text(self, request_id: str) -> str:
+        seen = self.chunks[request_id]
+        return "".join(seen[s].text for s in sorted(seen))
+
+
+async def collect(kafka_settings, topic: str, request_ids: set[str], timeout_s: float,
+                  replies: Replies | None = None, until_first: bool = False) -> Replies:
+    replies = replies or Replies()
+    consumer = AIOKafkaConsumer(
+        topic, **kafka_settings.aiokafka_kwargs(), auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for rec in records:
+                    chunk = decode(TokenChunk, rec.value, rec.headers)
+                    if chunk.request_id in request_ids:
+                        replies.add(chunk)
+            if until_first and any(replies.chunks.get(r) for r in request_ids):
+                return replies
+            if request_ids <= set(replies.terminals):
+                return replies
+    finally:
+        await consumer.stop()
+    missing = request_ids - set(replies.terminals)
+    raise AssertionError(f"no terminal chunk within {timeout_s}s for {len(missing)} requests")
+
+
+async def read_all(kafka_settings, topic: str, cls, keep, idle_ms: int = 1000) -> list:
+    consumer = AIOKafkaConsumer(
+        topic, **kafka_settings.aiokafka_kwargs(), auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    out = []
+    try:
+        while True:
+            batches = await consumer.getmany(timeout_ms=idle_ms)
+            if not batches:
+                return out
+            for records in batches.values():
+                out += [m for m in (decode(cls, r.value) for r in records) if keep(m)]
+    finally:
+        await consumer.stop()
+
+
+async def test_worker_streams_tokens_and_answers_every_record(kafka_settings, tiny_model):
+    model, reply = f"tiny-{uuid.uuid4().hex[:8]}", f"test.replies.{uuid.uuid4().hex[:8]}"
+    await _topics(kafka_settings, model, reply)
+    config = WorkerConfig(
+        model=model, model_dir=tiny_model, partition=1, worker_id=f"w-{uuid.uuid4().hex[:6]}",
+        max_batch=4, chunk=ChunkPolicy(max_tokens=4, max_delay_ms=20), heartbeat_interval_s=0.2,
+    )
+    worker = Worker(config, kafka_settings)
+    task = asyncio.create_task(worker.run())
+    for _ in range(600):
+        if worker.state == "ready" or task.done():
+            break
+        await asyncio.sleep(0.1)
+    assert worker.state == "ready"
+
+    prompts = ["hello world", "the quick brown fox", "café crème", "a"]
+    good = [admitted(model, p, reply, max_tokens=12) for p in prompts]
+    too_long = admitted(model, "word " * 5000, reply, max_tokens=4)
+    other_model = admitted("not-this-one", "hi", reply, max_tokens=4)
+    bad_fields = {"v": "1.0", "request_id": "bad-1", "model": model, "reply_topic": reply,
+                  "submitted_at": now_ms(), "temperature": "hot"}
+    topic = config.topic
+    await produce(
+        kafka_settings, topic, 1, msgs=[*good, too_long, other_model],
+        raw=[(b"junk", b"\xc1not msgpack"), (b"bad-1", msgpack.packb(bad_fields))],
+    )
+    ids = {m.request_id for m in [*good, too_long, other_model]} | {"bad-1"}
+    collecting = asyncio.create_task(collect(kafka_settings, reply, ids, timeout_s=60))
+    await asyncio.wait([collecting, task], return_when=asyncio.FIRST_COMPLETED)
+    assert not task.done(), f"the worker stopped early: {task.result()}"
+    replies = collecting.result()
+
+    for rid in ids:
+        assert len(replies.terminals[rid]) == 1, "exactly one terminal chunk per request"
+    for msg, prompt in zip(good, prompts):
+        rid = msg.request_id
+        [last] = replies.terminals[rid]
+        assert last.finish_reason in ("stop", "length")
+        assert replies.text(rid) == expected_greedy(tiny_model, prompt, 12)
+        assert sorted(replies.chunks[rid]) == list(range(len(replies.chunks[rid])))
+        first = replies.chunks[rid][0]
+        assert len(first.token_ids) == 1 and first.first_token_at is not None
+        assert first.worker_id == config.worker_id and first.warm is True
+        assert last.completion_tokens == sum(len(c.token_ids) for c in replies.chunks[rid].values())
+    [long_last] = replies.terminals[too_long.request_id]
+    assert (long_last.finish_reason, long_last.error_code) == ("rejected", "prompt_too_long")
+    assert replies.terminals[other_model.request_id][0].error_code == "unknown_model"
+    [bad] = replies.terminals["bad-1"]
+    assert bad.finish_reason == "rejected" and "temperature" in bad.error_message
+
+    letters = await read_all(
+        kafka_settings, DEADLETTERS, DeadLetter, lambda d: d.source_topic == topic
+    )
+    reasons = {d.reason for d in letters}
+    assert {"undecodable", "invalid"} <= reasons
+    assert not task.done(), "bad records must not stop the worker"
+
+    worker.drain()
+    assert await asyncio.wait_for(task, 30) == 0
+    events = await read_all(
+        kafka_settings, LIFECYCLE, LifecycleEvent, lambda e: e.worker_id == config.worker_id
+    )
+    states = [e.state for e in events if e.kind == "state"]
+    assert states == ["starting", "loading", "warming", "ready", "stopped"]
+    assert any(e.kind == "heartbeat" and e.total_slots == 4 for e in events)
+    spans = {e.span_name for e in events if e.kind == "span"}
+    assert {"process", "weights_load", "warm_up", "runtime_ready", "first_token"} <= spans
+
+
+def _start_worker_process(model_dir: Path, model: str, worker_id: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "infra.cli", "worker", str(model_dir), "--model", model,
+           "--partition", "0", "--worker-id", worker_id, "--chunk-tokens", "1"]
+    return subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+async def test_a_killed_worker_leaves_its_request_to_the_next_one(kafka_settings, tiny_model):
+    model, reply = f"tiny-{uuid.uuid4().hex[:8]}", f"test.replies.{uuid.uuid4().hex[:8]}"
+    await _topics(kafka_settings, model, reply)
+    long_request = admitted(model, "once upon a time", reply, max_tokens=1000)
+    first = _start_worker_process(tiny_model, model, "killed-1")
+    try:
+        await produce(kafka_settings, model_topic(model).name, 0, msgs=[long_request])
+        replies = await collect(
+            kafka_settings, reply, {long_request.request_id}, 90, until_first=True
+        )
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    assert long_request.request_id not in replies.terminals, "killed before it finished"
+
+    second = _start_worker_process(tiny_model, model, "survivor-2")
+    try:
+        replies = await collect(kafka_settings, reply, {long_request.request_id}, 120)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0, second.stderr.read().decode()[-2000:]
+    rid = long_request.request_id
+    assert len(replies.terminals[rid]) == 1
+    assert replies.duplicates >= 1, "the survivor re-sent what the killed worker had sent"
+    assert replies.text(rid) == expected_greedy(tiny_model, "once upon a time", 1000)
