@@ -51,7 +51,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from infra.logs import get_logger
@@ -127,7 +127,7 @@ class BrokerSettings:
     cache: Path
     port: int = 9092
     controller_port: int = 9093
-    data_dir: Path = field(default=Path())  # empty: <home>/kafka/data
+    data_dir: Path = Path()  # Path(): <home>/kafka/data
     cluster_id: str | None = None
     heap: str = "512m"
     kafka_version: str = KAFKA_VERSION
@@ -163,7 +163,7 @@ class BrokerSettings:
             cache=paths.cache,
             port=_port(env, "EMBER_BROKER_PORT", cls.port),
             controller_port=_port(env, "EMBER_CONTROLLER_PORT", cls.controller_port),
-            data_dir=Path(data_dir).expanduser() if data_dir else Path(),
+            data_dir=Path(data_dir).expanduser().absolute() if data_dir else Path(),
             cluster_id=env.get("EMBER_KAFKA_CLUSTER_ID") or None,
             heap=env.get("EMBER_BROKER_HEAP", cls.heap),
         )
@@ -456,7 +456,6 @@ def _java_command(java: Java, settings: BrokerSettings, main_class: str,
         "-XX:MaxGCPauseMillis=20",
         "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
-        f"-Dkafka.logs.dir={settings.kafka_dir / 'logs'}",
         "-cp",
         f"{settings.libs_dir}/*",
         main_class,
@@ -745,12 +744,20 @@ class LocalBroker:
             ensure_jars(s, self.progress)
             cluster_id = format_storage(s, java, self.progress)
             s.properties_file.write_text(server_properties(s))
+            launched = time.monotonic()
             process = self._launch(java)
             self.progress(f"started Kafka {s.kafka_version} (pid {process.pid}, cluster "
                           f"{cluster_id}); waiting for it on {s.bootstrap_servers}")
-            self._wait_ready(process.pid, process, time.monotonic() + s.start_timeout_s)
+            try:
+                self._wait_ready(process.pid, process, launched + s.start_timeout_s)
+            except KeyboardInterrupt:  # the start was abandoned: leave no broker behind
+                _terminate(process.pid, s.stop_timeout_s)
+                s.pid_file.unlink(missing_ok=True)
+                raise
+            elapsed = time.monotonic() - launched
+            self.progress(f"ready after {elapsed:.1f} s")
             log.info("broker.ready", pid=process.pid, bootstrap=s.bootstrap_servers,
-                     cluster_id=cluster_id)
+                     cluster_id=cluster_id, seconds=round(elapsed, 2))
             return self.status()
 
     def stop(self) -> bool:

@@ -215,6 +215,47 @@ def test_missing_maven_is_reported_only_without_cached_jars(
     assert broker_mod.ensure_jars(settings, lambda _: None) == settings.libs_dir
 
 
+FAKE_MVN = """#!/bin/sh
+for arg in "$@"; do
+  case "$arg" in
+    -DoutputDirectory=*) out="${arg#-DoutputDirectory=}" ;;
+    -Dkafka.version=*) version="${arg#-Dkafka.version=}" ;;
+  esac
+done
+echo "[INFO] Downloaded from central: https://repo.example/k/kafka_2.13-$version.jar (2.1 MB at 9 MB/s)"
+if [ -n "$FAIL" ]; then echo "[ERROR] Could not resolve dependencies"; exit 1; fi
+mkdir -p "$out" && touch "$out/kafka_2.13-$version.jar" "$out/kafka-clients-$version.jar"
+"""
+
+
+def test_jars_are_assembled_by_maven_atomically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mvn").write_text(FAKE_MVN)
+    (bin_dir / "mvn").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    settings = BrokerSettings(tmp_path / "home", tmp_path / "cache", kafka_version="9.9.9")
+
+    monkeypatch.setenv("FAIL", "1")
+    with pytest.raises(MavenError, match="Maven could not assemble Kafka 9.9.9") as caught:
+        broker_mod.ensure_jars(settings, lambda _: None)
+    assert "Could not resolve dependencies" in caught.value.details
+    assert not settings.libs_dir.exists()
+    assert list(settings.libs_dir.parent.iterdir()) == []  # no staging left behind
+
+    monkeypatch.delenv("FAIL")
+    lines: list[str] = []
+    assert broker_mod.ensure_jars(settings, lines.append) == settings.libs_dir
+    assert sorted(p.name for p in settings.libs_dir.iterdir()) == [
+        "kafka-clients-9.9.9.jar", "kafka_2.13-9.9.9.jar",
+    ]
+    assert "  downloaded kafka_2.13-9.9.9.jar (2.1 MB)" in lines
+    assert lines[-1].startswith("assembled 2 jars")
+    assert [p.name for p in settings.libs_dir.parent.iterdir()] == ["libs"]
+
+
 def test_status_and_stop_of_a_broker_never_started(own_broker: BrokerSettings) -> None:
     broker = LocalBroker(own_broker)
     status = broker.status()
