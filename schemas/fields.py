@@ -300,7 +300,7 @@ class ListOf:
         """Fast path for token ids: one pass in C instead of a check call per item."""
         if not isinstance(self.item, Int) or not value:
             return False
-        if not all(type(v) is int for v in value):
+        if not set(map(type, value)) <= {int}:  # no bools, floats or strings
             return False
         return bool(self.item.min <= min(value) and max(value) <= self.item.max)
 
@@ -467,6 +467,9 @@ def read_fields(
     issues: list[Issue] = []
     for fs in specs:
         value = values.get(fs.name, _ABSENT)
+        if value is fs.default:  # a default is valid as it is (None, 1, "", ...)
+            out[fs.name] = value
+            continue
         if value is _ABSENT or value is None:
             if fs.required:
                 missing = "required field missing" if value is _ABSENT else "required, got nil"

@@ -185,11 +185,13 @@ class Message:
         specs = field_specs(type(self))
         given = {fs.name: getattr(self, fs.name) for fs in specs}
         values, issues = read_fields(specs, given)
+        self._raise_if(issues)
         for name, value in values.items():
             if value is not given[name]:
                 object.__setattr__(self, name, value)
-        if not issues:
-            issues = list(self._rules())
+        self._raise_if(list(self._rules()))
+
+    def _raise_if(self, issues: list[Issue]) -> None:
         if issues:
             raise ValidationError(self.SCHEMA.name, [FieldProblem(p, m) for p, m in issues])
 
@@ -227,7 +229,12 @@ class Message:
         issues += field_issues
         if issues:
             raise ValidationError(schema.name, [FieldProblem(p, m) for p, m in issues])
-        return cls(**values)
+        # Every field is checked and normalized already: skip __init__'s second pass.
+        msg = object.__new__(cls)
+        for name, field_value in values.items():
+            object.__setattr__(msg, name, field_value)
+        msg._raise_if(list(msg._rules()))
+        return msg
 
     def replace(self, **changes: Any) -> Self:
         """A copy with some fields changed, validated like any new message."""
