@@ -21,12 +21,12 @@ Files (EMBER_HOME defaults to ~/.ember, EMBER_CACHE_DIR to ~/.cache/ember):
 
 Settings beyond infra/settings.py:
 
-| variable               | default                 | meaning                                         |
-|------------------------|-------------------------|-------------------------------------------------|
-| EMBER_KAFKA_DATA_DIR   | $EMBER_HOME/kafka/data  | broker data directory (log.dirs)                |
-| EMBER_KAFKA_CLUSTER_ID | (generated at format)   | pin the cluster id; a data dir of another       |
-|                        |                         | cluster is then refused instead of used         |
-| EMBER_BROKER_HEAP      | 512m                    | JVM -Xmx                                        |
+| variable               | default                 | meaning                                       |
+|------------------------|-------------------------|-----------------------------------------------|
+| EMBER_KAFKA_DATA_DIR   | $EMBER_HOME/kafka/data  | broker data directory (log.dirs)              |
+| EMBER_KAFKA_CLUSTER_ID | (generated at format)   | pin the cluster id; a data dir of another     |
+|                        |                         | cluster is then refused instead of used       |
+| EMBER_BROKER_HEAP      | 512m                    | JVM -Xmx                                      |
 
 External clusters: when EMBER_BOOTSTRAP_SERVERS is anything but this broker's loopback
 address, `ember broker start` says so and starts nothing (`targets_local_broker`); stop and
@@ -135,8 +135,10 @@ class BrokerSettings:
     stop_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name, port in (("EMBER_BROKER_PORT", self.port), ("EMBER_CONTROLLER_PORT",
-                                                               self.controller_port)):
+        for name, port in (
+            ("EMBER_BROKER_PORT", self.port),
+            ("EMBER_CONTROLLER_PORT", self.controller_port),
+        ):
             if not 0 < port < 65536:
                 raise SettingsError(f"{name}={port}: expected a port in 1..65535")
         if self.port == self.controller_port:
@@ -283,23 +285,37 @@ def ensure_jars(settings: BrokerSettings, progress: Progress) -> Path:
     shutil.copy(POM_FILE, staging / "pom.xml")
     out_dir = staging / "libs"
     command = [
-        mvn, "-B", "-f", str(staging / "pom.xml"), f"-Dkafka.version={settings.kafka_version}",
-        "dependency:copy-dependencies", f"-DoutputDirectory={out_dir}",
+        mvn,
+        "-B",
+        "-f",
+        str(staging / "pom.xml"),
+        f"-Dkafka.version={settings.kafka_version}",
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={out_dir}",
     ]
-    progress(f"assembling Kafka {settings.kafka_version} from Maven Central into {libs} "
-             "(first start only)")
+    progress(
+        f"assembling Kafka {settings.kafka_version} from Maven Central into {libs} "
+        "(first start only)"
+    )
     started = time.monotonic()
     log.info("broker.jars.assemble", command=command)
     lines: list[str] = []
     try:
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, text=True, cwd=staging) as proc:
+        with subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=staging,
+        ) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:
                 line = line.rstrip()
                 lines.append(line)
-                match = re.search(r"Downloaded from \S+: \S+/([^/\s]+\.jar) \(([^)]*?)(?: at|\))",
-                                  line)
+                match = re.search(
+                    r"Downloaded from \S+: \S+/([^/\s]+\.jar) \(([^)]*?)(?: at|\))", line
+                )
                 if match:
                     progress(f"  downloaded {match.group(1)} ({match.group(2)})")
         if proc.returncode != 0 or not _jars_complete(out_dir, settings.kafka_version):
@@ -446,8 +462,9 @@ def _adopt_cds_dump(settings: BrokerSettings) -> None:
         dump.unlink(missing_ok=True)
 
 
-def _java_command(java: Java, settings: BrokerSettings, main_class: str,
-                  cds: list[str] | None = None) -> list[str]:
+def _java_command(
+    java: Java, settings: BrokerSettings, main_class: str, cds: list[str] | None = None
+) -> list[str]:
     return [
         java.path,
         *(cds or []),
@@ -472,9 +489,8 @@ def format_storage(settings: BrokerSettings, java: Java, progress: Progress) -> 
     settings.properties_file.write_text(server_properties(settings))
     archive = cds_archive(settings, java)
     cds = [f"-XX:SharedArchiveFile={archive}"] if archive.is_file() else []
-    command = _java_command(java, settings, STORAGE_TOOL, cds) + [
-        "format", "-t", cluster_id, "-c", str(settings.properties_file),
-    ]
+    tool = _java_command(java, settings, STORAGE_TOOL, cds)
+    command = [*tool, "format", "-t", cluster_id, "-c", str(settings.properties_file)]
     progress(f"formatting {settings.data_dir} for new cluster {cluster_id}")
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
@@ -648,7 +664,7 @@ def cluster_metadata(kafka: KafkaSettings, timeout_s: float = 5.0) -> dict[str, 
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ember-probe") as pool:
         try:
             metadata = pool.submit(asyncio.run, _metadata(kafka, timeout_s)).result()
-        except Exception as exc:  # noqa: BLE001 - any failure means "not answering"
+        except Exception as exc:
             log.debug("broker.probe.failed", bootstrap=kafka.bootstrap_servers, error=repr(exc))
             return None
     brokers = metadata.get("brokers")
@@ -690,14 +706,16 @@ class BrokerStatus:
 
     def describe(self) -> str:
         pid = f" (pid {self.pid})" if self.pid else ""
-        return "\n".join([
-            f"local Kafka broker: {self.state}{pid}",
-            f"  bootstrap servers  {self.bootstrap_servers}",
-            f"  kafka version      {self.kafka_version}",
-            f"  cluster id         {self.cluster_id or '(not formatted)'}",
-            f"  data dir           {self.data_dir}",
-            f"  log                {self.log_file}",
-        ])
+        return "\n".join(
+            [
+                f"local Kafka broker: {self.state}{pid}",
+                f"  bootstrap servers  {self.bootstrap_servers}",
+                f"  kafka version      {self.kafka_version}",
+                f"  cluster id         {self.cluster_id or '(not formatted)'}",
+                f"  data dir           {self.data_dir}",
+                f"  log                {self.log_file}",
+            ]
+        )
 
 
 def _log_progress(message: str) -> None:
@@ -724,8 +742,15 @@ class LocalBroker:
             answering = _accepts_tcp(s.port) and is_reachable(s.kafka_settings(), 3.0)
             state = BrokerState.RUNNING if answering else BrokerState.UNRESPONSIVE
         meta = read_meta_properties(s.data_dir) or {}
-        return BrokerStatus(state, pid, s.bootstrap_servers, s.kafka_version,
-                            meta.get("cluster.id"), s.data_dir, s.log_file)
+        return BrokerStatus(
+            state,
+            pid,
+            s.bootstrap_servers,
+            s.kafka_version,
+            meta.get("cluster.id"),
+            s.data_dir,
+            s.log_file,
+        )
 
     def start(self) -> BrokerStatus:
         """Start the broker (assembling jars and formatting storage on first use) and return
@@ -746,8 +771,10 @@ class LocalBroker:
             s.properties_file.write_text(server_properties(s))
             launched = time.monotonic()
             process = self._launch(java)
-            self.progress(f"started Kafka {s.kafka_version} (pid {process.pid}, cluster "
-                          f"{cluster_id}); waiting for it on {s.bootstrap_servers}")
+            self.progress(
+                f"started Kafka {s.kafka_version} (pid {process.pid}, cluster "
+                f"{cluster_id}); waiting for it on {s.bootstrap_servers}"
+            )
             try:
                 self._wait_ready(process.pid, process, launched + s.start_timeout_s)
             except KeyboardInterrupt:  # the start was abandoned: leave no broker behind
@@ -756,8 +783,13 @@ class LocalBroker:
                 raise
             elapsed = time.monotonic() - launched
             self.progress(f"ready after {elapsed:.1f} s")
-            log.info("broker.ready", pid=process.pid, bootstrap=s.bootstrap_servers,
-                     cluster_id=cluster_id, seconds=round(elapsed, 2))
+            log.info(
+                "broker.ready",
+                pid=process.pid,
+                bootstrap=s.bootstrap_servers,
+                cluster_id=cluster_id,
+                seconds=round(elapsed, 2),
+            )
             return self.status()
 
     def stop(self) -> bool:
@@ -787,14 +819,20 @@ class LocalBroker:
         log.info("broker.launch", command=command)
         with open(s.log_file, "wb") as out:
             process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=s.kafka_dir, start_new_session=True, close_fds=True,
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=s.kafka_dir,
+                start_new_session=True,
+                close_fds=True,
             )
         s.pid_file.write_text(f"{process.pid}\n")
         return process
 
-    def _wait_ready(self, pid: int, process: subprocess.Popen[bytes] | None,
-                    deadline: float) -> None:
+    def _wait_ready(
+        self, pid: int, process: subprocess.Popen[bytes] | None, deadline: float
+    ) -> None:
         """Block until the broker answers, it exits, or the deadline passes."""
         s = self.settings
         while True:

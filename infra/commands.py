@@ -43,8 +43,9 @@ def _fail(command: str, reason: str, details: str = "") -> int:
     return EXIT_ERROR
 
 
-def _guarded(command: str, handler: Callable[[argparse.Namespace], int]
-             ) -> Callable[[argparse.Namespace], int]:
+def _guarded(
+    command: str, handler: Callable[[argparse.Namespace], int]
+) -> Callable[[argparse.Namespace], int]:
     """Turn the errors a user can act on into one stderr line and exit code 1."""
 
     def run(args: argparse.Namespace) -> int:
@@ -83,8 +84,10 @@ def broker_status(args: argparse.Namespace) -> int:
     status = LocalBroker(settings).status()
     _say(status.describe())
     if not targets_local_broker(kafka, settings):
-        _say(f"note: EMBER_BOOTSTRAP_SERVERS={kafka.bootstrap_servers} points at another "
-             "cluster; Ember services use that one, not this broker")
+        _say(
+            f"note: EMBER_BOOTSTRAP_SERVERS={kafka.bootstrap_servers} points at another "
+            "cluster; Ember services use that one, not this broker"
+        )
     return {BrokerState.RUNNING: 0, BrokerState.UNRESPONSIVE: EXIT_ERROR}.get(
         status.state, EXIT_NOT_RUNNING
     )
@@ -131,7 +134,10 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "Exit 1 on drift.",
     )
     apply.add_argument(
-        "--model", action="append", default=[], metavar="NAME",
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME",
         help="also the request topic of model NAME (repeatable)",
     )
     apply.add_argument("--dry-run", action="store_true", help="report only, create nothing")

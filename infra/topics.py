@@ -86,8 +86,9 @@ def topic_drift(spec: TopicSpec, observed: ObservedTopic) -> tuple[Drift, ...]:
         drift.append(Drift("partitions", str(spec.partitions), str(observed.partitions)))
     if observed.replication_factor != spec.replication_factor:
         drift.append(
-            Drift("replication_factor", str(spec.replication_factor),
-                  str(observed.replication_factor))
+            Drift(
+                "replication_factor", str(spec.replication_factor), str(observed.replication_factor)
+            )
         )
     for key, expected in sorted(spec.configs.items()):
         actual = observed.configs.get(key)
@@ -155,8 +156,9 @@ class TopicReport:
             else:
                 configs = " ".join(f"{k}={v}" for k, v in sorted(spec.configs.items()))
                 plural = "" if spec.partitions == 1 else "s"
-                detail = (f"{spec.partitions} partition{plural}, rf {spec.replication_factor}  "
-                          f"{configs}")
+                detail = (
+                    f"{spec.partitions} partition{plural}, rf {spec.replication_factor}  {configs}"
+                )
             lines.append(f"{word:<8} {plan.name:<{width}}  {detail}".rstrip())
         summary = (
             f"{len(self.plans)} topics on {self.bootstrap_servers}: "
@@ -246,8 +248,10 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: Sequence[str]) ->
     while pending:
         for topic in await admin.describe_topics(sorted(pending)):
             partitions = topic["partitions"]
-            if topic["error_code"] == 0 and partitions and all(
-                p["leader"] >= 0 for p in partitions
+            if (
+                topic["error_code"] == 0
+                and partitions
+                and all(p["leader"] >= 0 for p in partitions)
             ):
                 pending.discard(topic["topic"])
         if not pending:

@@ -16,6 +16,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from infra import broker as broker_mod
+from infra import cli as cli_mod
 from infra.broker import (
     BrokerSettings,
     BrokerStartError,
@@ -33,7 +34,6 @@ from infra.broker import (
     server_properties,
     targets_local_broker,
 )
-from infra import cli as cli_mod
 from infra.settings import KafkaSettings, SettingsError
 from infra.topics import apply_topics
 from schemas.topics import TopicSpec
@@ -95,12 +95,17 @@ def test_settings_from_env_defaults_and_overrides(tmp_path: Path) -> None:
     assert defaults.data_dir == tmp_path / "kafka" / "data"
     assert defaults.bootstrap_servers == "127.0.0.1:9092"
     cid = generate_cluster_id()
-    custom = BrokerSettings.from_env({
-        "EMBER_HOME": str(tmp_path), "EMBER_CACHE_DIR": str(tmp_path / "c"),
-        "EMBER_BROKER_PORT": "19092", "EMBER_CONTROLLER_PORT": "19093",
-        "EMBER_KAFKA_DATA_DIR": str(tmp_path / "d"), "EMBER_KAFKA_CLUSTER_ID": cid,
-        "EMBER_BROKER_HEAP": "1g",
-    })
+    custom = BrokerSettings.from_env(
+        {
+            "EMBER_HOME": str(tmp_path),
+            "EMBER_CACHE_DIR": str(tmp_path / "c"),
+            "EMBER_BROKER_PORT": "19092",
+            "EMBER_CONTROLLER_PORT": "19093",
+            "EMBER_KAFKA_DATA_DIR": str(tmp_path / "d"),
+            "EMBER_KAFKA_CLUSTER_ID": cid,
+            "EMBER_BROKER_HEAP": "1g",
+        }
+    )
     assert custom.port == 19092 and custom.controller_port == 19093
     assert custom.data_dir == tmp_path / "d" and custom.cluster_id == cid
     assert custom.libs_dir == tmp_path / "c" / f"kafka-{broker_mod.KAFKA_VERSION}" / "libs"
@@ -146,7 +151,8 @@ def test_targets_local_broker(bootstrap: str, protocol: str, local: bool, tmp_pa
 def test_server_properties_single_node_kraft(tmp_path: Path) -> None:
     settings = BrokerSettings(tmp_path, tmp_path, port=19092, controller_port=19093)
     props = dict(
-        line.split("=", 1) for line in server_properties(settings).splitlines()
+        line.split("=", 1)
+        for line in server_properties(settings).splitlines()
         if line and not line.startswith("#")
     )
     assert props["process.roles"] == "broker,controller"
@@ -168,7 +174,9 @@ def test_data_dir_checks(tmp_path: Path) -> None:
     _write_meta(settings.data_dir, version="1", node_id="1", cluster_id=cid)
     assert check_data_dir(settings) == cid
     assert read_meta_properties(settings.data_dir) == {
-        "version": "1", "node.id": "1", "cluster.id": cid,
+        "version": "1",
+        "node.id": "1",
+        "cluster.id": cid,
     }
 
     _write_meta(settings.data_dir, version="1", node_id="2", cluster_id=cid)
@@ -194,11 +202,11 @@ def test_missing_java_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_old_java_is_reported(tmp_path: Path) -> None:
     java = tmp_path / "jdk" / "bin" / "java"
     java.parent.mkdir(parents=True)
-    java.write_text('#!/bin/sh\necho \'openjdk version "11.0.21" 2023-10-17\' >&2\n')
+    java.write_text("#!/bin/sh\necho 'openjdk version \"11.0.21\" 2023-10-17' >&2\n")
     java.chmod(java.stat().st_mode | stat.S_IEXEC)
     with pytest.raises(JavaError, match="is Java 11; .* needs Java 17"):
         find_java({"JAVA_HOME": str(tmp_path / "jdk")})
-    java.write_text('#!/bin/sh\necho \'java version "1.8.0_392"\' >&2\n')
+    java.write_text("#!/bin/sh\necho 'java version \"1.8.0_392\"' >&2\n")
     with pytest.raises(JavaError, match="is Java 8"):
         find_java({"JAVA_HOME": str(tmp_path / "jdk")})
 
@@ -222,7 +230,8 @@ for arg in "$@"; do
     -Dkafka.version=*) version="${arg#-Dkafka.version=}" ;;
   esac
 done
-echo "[INFO] Downloaded from central: https://repo.example/k/kafka_2.13-$version.jar (2.1 MB at 9 MB/s)"
+url="https://repo.example/k/kafka_2.13-$version.jar"
+echo "[INFO] Downloaded from central: $url (2.1 MB at 9 MB/s)"
 if [ -n "$FAIL" ]; then echo "[ERROR] Could not resolve dependencies"; exit 1; fi
 mkdir -p "$out" && touch "$out/kafka_2.13-$version.jar" "$out/kafka-clients-$version.jar"
 """
@@ -249,7 +258,8 @@ def test_jars_are_assembled_by_maven_atomically(
     lines: list[str] = []
     assert broker_mod.ensure_jars(settings, lines.append) == settings.libs_dir
     assert sorted(p.name for p in settings.libs_dir.iterdir()) == [
-        "kafka-clients-9.9.9.jar", "kafka_2.13-9.9.9.jar",
+        "kafka-clients-9.9.9.jar",
+        "kafka_2.13-9.9.9.jar",
     ]
     assert "  downloaded kafka_2.13-9.9.9.jar (2.1 MB)" in lines
     assert lines[-1].startswith("assembled 2 jars")
@@ -265,8 +275,10 @@ def test_status_and_stop_of_a_broker_never_started(own_broker: BrokerSettings) -
 
 
 def test_cli_start_with_external_cluster_starts_nothing(
-    cli: Callable[[list[str]], int], monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str], tmp_path: Path,
+    cli: Callable[[list[str]], int],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
     monkeypatch.setenv("EMBER_BOOTSTRAP_SERVERS", "kafka-1.example:9092,kafka-2.example:9092")
     monkeypatch.setenv("EMBER_HOME", str(tmp_path))
@@ -307,8 +319,11 @@ async def test_restart_keeps_data_and_leaves_no_jvm(own_broker: BrokerSettings) 
         assert second.cluster_id == first.cluster_id
         assert second.pid != first.pid
         consumer = AIOKafkaConsumer(
-            topic, **kafka.aiokafka_kwargs(), auto_offset_reset="earliest",
-            enable_auto_commit=False, group_id=None,
+            topic,
+            **kafka.aiokafka_kwargs(),
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            group_id=None,
         )
         await consumer.start()
         try:
@@ -335,7 +350,10 @@ def test_data_dir_of_another_cluster_is_refused(own_broker: BrokerSettings) -> N
 
     other = generate_cluster_id()
     pinned = BrokerSettings(
-        own_broker.home, own_broker.cache, own_broker.port, own_broker.controller_port,
+        own_broker.home,
+        own_broker.cache,
+        own_broker.port,
+        own_broker.controller_port,
         cluster_id=other,
     )
     with pytest.raises(DataDirError) as caught:
@@ -344,8 +362,10 @@ def test_data_dir_of_another_cluster_is_refused(own_broker: BrokerSettings) -> N
     assert "EMBER_KAFKA_DATA_DIR" in caught.value.reason
     assert not pinned.pid_file.exists()
     # The data is untouched: the matching id still starts from it.
-    assert check_data_dir(BrokerSettings(own_broker.home, own_broker.cache,
-                                         cluster_id=formatted_for)) == formatted_for
+    assert (
+        check_data_dir(BrokerSettings(own_broker.home, own_broker.cache, cluster_id=formatted_for))
+        == formatted_for
+    )
 
 
 @pytest.mark.kafka
@@ -368,7 +388,10 @@ def test_broker_exiting_during_start_shows_its_log(own_broker: BrokerSettings) -
     broker_mod.ensure_jars(own_broker, lambda _: None)
     format_storage(own_broker, find_java(), lambda _: None)
     doomed = BrokerSettings(
-        own_broker.home, own_broker.cache, own_broker.port, own_broker.controller_port,
+        own_broker.home,
+        own_broker.cache,
+        own_broker.port,
+        own_broker.controller_port,
         heap="1k",  # the JVM refuses to start with a heap this small
     )
     with pytest.raises(BrokerStartError) as caught:
@@ -382,8 +405,10 @@ def test_broker_exiting_during_start_shows_its_log(own_broker: BrokerSettings) -
 
 @pytest.mark.kafka
 def test_cli_broker_lifecycle(
-    cli: Callable[[list[str]], int], own_broker: BrokerSettings,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    cli: Callable[[list[str]], int],
+    own_broker: BrokerSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("EMBER_HOME", str(own_broker.home))
     monkeypatch.setenv("EMBER_BROKER_PORT", str(own_broker.port))

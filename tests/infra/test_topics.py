@@ -29,8 +29,10 @@ def _seen(spec: TopicSpec, **changes: object) -> ObservedTopic:
     """What a cluster would report for `spec`, plus broker defaults, with `changes`."""
     configs = {"segment.bytes": "1073741824", **spec.configs}
     fields: dict[str, object] = {
-        "name": spec.name, "partitions": spec.partitions,
-        "replication_factor": spec.replication_factor, "configs": configs,
+        "name": spec.name,
+        "partitions": spec.partitions,
+        "replication_factor": spec.replication_factor,
+        "configs": configs,
     }
     fields.update(changes)
     return ObservedTopic(**fields)  # type: ignore[arg-type]
@@ -51,7 +53,9 @@ def test_plan_creates_missing_and_accepts_matching() -> None:
 def test_plan_reports_every_difference_as_drift() -> None:
     spec = TopicSpec("t", 4, {"cleanup.policy": "compact", "retention.ms": "1000"})
     seen = _seen(
-        spec, partitions=2, replication_factor=3,
+        spec,
+        partitions=2,
+        replication_factor=3,
         configs={"cleanup.policy": "delete"},  # retention.ms not reported at all
     )
     (plan,) = plan_topics([spec], {"t": seen})
@@ -191,9 +195,7 @@ async def test_drift_is_reported_and_left_alone(
     admin = AIOKafkaAdminClient(**kafka_settings.aiokafka_kwargs())
     await admin.start()
     try:
-        await admin.create_topics(
-            [NewTopic(name, 2, 1, topic_configs={"retention.ms": "60000"})]
-        )
+        await admin.create_topics([NewTopic(name, 2, 1, topic_configs={"retention.ms": "60000"})])
     finally:
         await admin.close()
 
