@@ -56,8 +56,9 @@ from schemas.topics import LIFECYCLE, WORKERS, model_topic_name
 
 log = get_logger(__name__)
 
-# Engine rejections -> wire error codes (schemas.ERROR_CODES).
-_REJECTION_CODES = {"PromptTooLong": "prompt_too_long"}
+# Engine rejection reasons that are also wire error codes (schemas.ERROR_CODES); any other
+# rejection is the request's own fault: `invalid_request`.
+_WIRE_CODES = frozenset({"prompt_too_long"})
 
 
 def now_ms() -> int:
@@ -146,19 +147,6 @@ def load_engine(config: WorkerConfig) -> Any:
     return Engine(model, tokenizer, max_batch=config.max_batch, max_seq_len=config.max_seq_len)
 
 
-def warm_up(engine: Any) -> None:
-    """Run the kernels once (prefill and decode) so the first user request pays no first-call
-    costs; the slot is free again afterwards."""
-    from gpu_worker.engine import EngineRequest
-    from gpu_worker.sampling import SamplingParams
-
-    engine.add_request(
-        EngineRequest("__warmup__", prompt_ids=[0, 1, 2], params=SamplingParams(2, ignore_eos=True))
-    )
-    while engine.has_work():
-        engine.step()
-
-
 class Worker:
     def __init__(
         self,
@@ -209,7 +197,7 @@ class Worker:
             await self._span("weights_load", t0, now_ms(), (time.perf_counter() - w0) * 1e3)
             await self._set_state("warming")
             t0, w0 = now_ms(), time.perf_counter()
-            await asyncio.to_thread(warm_up, self.engine)
+            await asyncio.to_thread(self.engine.warm_up)
             await self._span("warm_up", t0, now_ms(), (time.perf_counter() - w0) * 1e3)
             await self._start_consumer()
             self.ready_at = now_ms()
@@ -300,10 +288,12 @@ class Worker:
         live = _InFlight(offset, request, attempt, warm)
         problem = self._precheck(request)
         if problem is None:
+            from gpu_worker.scheduler import RequestRejected
+
             try:
                 self.engine.add_request(self._engine_request(request))
-            except Exception as exc:  # RequestRejected and friends: the request's own fault
-                code = _REJECTION_CODES.get(type(exc).__name__, "invalid_request")
+            except RequestRejected as exc:
+                code = exc.reason if exc.reason in _WIRE_CODES else "invalid_request"
                 problem = ("rejected", code, str(exc))
         if problem is not None:
             reason, code, message = problem

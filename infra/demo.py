@@ -96,6 +96,8 @@ async def _stream(handle: RequestHandle, label: str) -> dict[str, object]:
     async for chunk in handle:
         if first is None and chunk.token_ids:
             first = _now_ms()
+        if chunk.seq == 0:  # the (re)start of the output
+            text, tokens = "", 0
         text += chunk.text
         tokens += len(chunk.token_ids)
         warm = chunk.warm

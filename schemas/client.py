@@ -2,8 +2,8 @@
 
     async with EmberClient(KafkaSettings.from_env()) as client:
         handle = await client.submit(request)
-        async for chunk in handle:          # in order, duplicates dropped, ends at the terminal
-            print(chunk.text, end="")
+        async for chunk in handle:   # in order, duplicates dropped, ends at the terminal
+            text = chunk.text if chunk.seq == 0 else text + chunk.text
 
 One reply consumer per client process (all partitions of its reply topic, from the end at
 start), not one per request. `ReplyAssembler` is the pure part: it orders chunks by `seq` and
@@ -27,19 +27,39 @@ from schemas.topics import REPLIES
 
 @dataclass
 class ReplyAssembler:
-    """Chunks of one request -> the in-order, duplicate-free sequence.
+    """Chunks of one request -> the in-order, duplicate-free chunks of one stream
+    (docs/PROTOCOL.md §6.2).
 
-    Example: seq 0, 2, 1, 1, 3(last) arrive -> `add` returns [0], [], [1, 2], [], [3]; one
-    duplicate counted; `done` after 3.
+    A stream is one execution, `(attempt, worker_id)`. Within it, chunks are ordered by `seq`
+    and duplicates dropped: seq 0, 2, 1, 1, 3(last) -> `add` returns [0], [], [1, 2], [], [3].
+    A seq-0 chunk of another stream with an attempt at least as high (placement re-sent the
+    request, or a worker died and the next one re-read it from Kafka) restarts the output: it
+    is returned as seq 0 again, and the caller drops the text it had. Chunks of a replaced
+    stream, and anything after the terminal chunk, are dropped.
     """
 
+    stream: tuple[int, str | None] | None = None
     next_seq: int = 0
     duplicates: int = 0
+    restarts: int = 0
     done: bool = False
     _early: dict[int, TokenChunk] = field(default_factory=dict)
 
     def add(self, chunk: TokenChunk) -> list[TokenChunk]:
-        if self.done or chunk.seq < self.next_seq or chunk.seq in self._early:
+        if self.done:
+            self.duplicates += 1
+            return []
+        key = (chunk.attempt, chunk.worker_id)
+        if self.stream is None:
+            self.stream = key
+        elif key != self.stream:
+            if chunk.seq != 0 or chunk.attempt < self.stream[0]:
+                self.duplicates += 1
+                return []
+            self.stream, self.next_seq = key, 0
+            self._early.clear()
+            self.restarts += 1
+        if chunk.seq < self.next_seq or chunk.seq in self._early:
             self.duplicates += 1
             return []
         self._early[chunk.seq] = chunk
@@ -68,6 +88,7 @@ class RequestHandle:
             self._queue.put_nowait(c)
 
     async def __aiter__(self) -> AsyncIterator[TokenChunk]:
+        """In-order chunks; a second seq-0 chunk means the output restarted (drop the text)."""
         while True:
             chunk = await self._queue.get()
             yield chunk
