@@ -209,9 +209,14 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = self.kv_cache.update(rows, slots, input_pos, k, v, kv_len)  # [B, Hkv, L, D]
-        q = q.transpose(1, 2)  # [B, H, S, D]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.wo(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        if S == 1:  # decode: a kv head's query heads become query rows, so K/V are read once
+            q = q.view(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)  # [B, Hkv, H/Hkv, D]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask [B, 1, 1, L] broadcasts
+        else:
+            q = q.transpose(1, 2)  # [B, H, S, D]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+            y = y.transpose(1, 2)  # [B, S, H, D]
+        return self.wo(y.reshape(B, S, self.n_heads * self.head_dim))
 
 
 class FeedForward(nn.Module):
