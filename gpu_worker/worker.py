@@ -113,6 +113,9 @@ class WorkerConfig:
     chunk: ChunkPolicy = ChunkPolicy()
     heartbeat_interval_s: float = 1.0
     idle_poll_ms: int = 100
+    # Start of the `process` span, unix ms; None: when this OS process started. A pre-started
+    # process (gpu_worker.prestart) sets it to the moment it was assigned its model.
+    started_at_ms: int | None = None
 
     @property
     def topic(self) -> str:
@@ -178,7 +181,9 @@ class Worker:
 
     async def run(self) -> int:
         """The whole life of the worker. Returns the process exit code."""
-        started = process_started_at_ms()
+        started = self.config.started_at_ms
+        if started is None:
+            started = process_started_at_ms()
         self._producer = AIOKafkaProducer(
             **self.kafka.aiokafka_kwargs(),
             client_id=f"ember-worker-{self.config.worker_id}",
