@@ -566,9 +566,19 @@ def _port_owner(port: int) -> str | None:
         with contextlib.suppress(OSError):
             for fd in (proc / "fd").iterdir():
                 if os.readlink(fd) in inodes:
-                    name = (proc / "comm").read_text().strip()
-                    return f"pid {proc.name} ({name})"
+                    return f"pid {proc.name} ({_describe_process(int(proc.name))})"
     return None
+
+
+def _describe_process(pid: int) -> str:
+    """'java', or for a Kafka broker 'Kafka broker with /path/server.properties'."""
+    args = (_proc_cmdline(pid) or "").split()
+    if MAIN_CLASS in args and args[-1].endswith(".properties"):
+        return f"Kafka broker with {args[-1]}"
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 def _check_port_free(port: int, variable: str) -> None:
