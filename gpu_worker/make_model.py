@@ -23,10 +23,25 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 from gpu_worker.model import ModelConfig
-from gpu_worker.weights import INDEX_FILE, SINGLE_FILE, build_meta_model, ember_to_hf_name, expected_shapes
+from gpu_worker.weights import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    build_meta_model,
+    ember_to_hf_name,
+    expected_shapes,
+)
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 # Llama 3's pre-tokenizer split pattern (tiktoken cl100k style).
@@ -95,9 +110,10 @@ _WORDS = (
     "server queue topic partition offset latency first second minute hour day night light water"
 ).split()
 _NON_ASCII = (
-    "café naïve über São Paulo Ångström façade résumé piñata Zürich crème brûlée jalapeño déjà vu "
-    "Straße Ærø Łódź čeština Ελληνικά русский язык עברית العربية हिन्दी "
-    "你好世界 東京 日本語 北京欢迎你 中文字符 漢字 한국어 안녕하세요 ひらがな カタカナ "
+    "café naïve über São Paulo Ångström façade résumé piñata Zürich crème brûlée "
+    "jalapeño déjà vu Straße Ærø Łódź čeština Ελληνικά русский язык עברית العربية हिन्दी "
+    "你好世界 東京 日本語 北京欢迎你 中文字符 漢字 "
+    "한국어 안녕하세요 ひらがな カタカナ "
     "🙂 🚀 👍🏽 ❤️ 🎉 👨‍👩‍👧 🌍 🔥 ✨ 🤖"
 ).split()
 _SYLLABLES = (
@@ -110,7 +126,9 @@ _SYLLABLES = (
 def make_corpus(n_lines: int, seed: int) -> Iterator[str]:
     """Deterministic text: Zipf-ish words, made-up words, numbers, code, non-ASCII and emoji."""
     rng = random.Random(seed)
-    made_up = sorted({"".join(rng.choices(_SYLLABLES, k=rng.randint(2, 4))) for _ in range(n_lines)})
+    made_up = sorted(
+        {"".join(rng.choices(_SYLLABLES, k=rng.randint(2, 4))) for _ in range(n_lines)}
+    )
     vocab = _WORDS + made_up
     cum_weights = list(itertools.accumulate(1.0 / (i + 1) ** 0.8 for i in range(len(vocab))))
     for i in range(n_lines):
@@ -120,11 +138,16 @@ def make_corpus(n_lines: int, seed: int) -> Iterator[str]:
         line = " ".join(words)
         kind = i % 10
         if kind == 0:
-            line = line.capitalize() + f", {rng.randint(0, 99999)} items at {rng.randint(1, 999)}.{rng.randint(0, 99):02d}."
+            price = f"{rng.randint(1, 999)}.{rng.randint(0, 99):02d}"
+            line = f"{line.capitalize()}, {rng.randint(0, 99999)} items at {price}."
         elif kind == 1:
             line = f"def {words[0]}(x, y={rng.randint(0, 9)}):\n    return x + y  # {words[-1]}"
         elif kind == 2:
-            line = f'"{words[0]}": {rng.randint(-500, 500)}, ' + " ".join(rng.choices(_NON_ASCII, k=3)) + "!"
+            line = (
+                f'"{words[0]}": {rng.randint(-500, 500)}, '
+                + " ".join(rng.choices(_NON_ASCII, k=3))
+                + "!"
+            )
         yield line + "\n"
 
 
@@ -143,7 +166,12 @@ def train_tokenizer(vocab_size: int, n_lines: int, seed: int) -> Tokenizer:
         show_progress=False,
     )
     tok.train_from_iterator(make_corpus(n_lines, seed), trainer=trainer)
-    tok.add_special_tokens([AddedToken(BOS, special=True, normalized=False), AddedToken(EOS, special=True, normalized=False)])
+    tok.add_special_tokens(
+        [
+            AddedToken(BOS, special=True, normalized=False),
+            AddedToken(EOS, special=True, normalized=False),
+        ]
+    )
     bos = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos)]
@@ -183,7 +211,9 @@ def plan_shards(shapes: dict[str, tuple[int, ...]], max_shard_bytes: int) -> lis
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
 
 
 def make_model(size: str, out_dir: Path, seed: int = 0, *, progress: bool | None = None) -> Path:
@@ -198,7 +228,11 @@ def make_model(size: str, out_dir: Path, seed: int = 0, *, progress: bool | None
 
     def report(msg: str) -> None:
         if show:
-            print(f"make-model {size}: {msg} [{time.perf_counter() - t0:.1f}s]", file=sys.stderr, flush=True)
+            print(
+                f"make-model {size}: {msg} [{time.perf_counter() - t0:.1f}s]",
+                file=sys.stderr,
+                flush=True,
+            )
 
     tok = train_tokenizer(spec.vocab_size, spec.corpus_lines, seed)
     tok.save(str(out_dir / "tokenizer.json"))
@@ -208,7 +242,10 @@ def make_model(size: str, out_dir: Path, seed: int = 0, *, progress: bool | None
 
     config = hf_config(spec, vocab_size, bos_id, eos_id)
     _write_json(out_dir / "config.json", config)
-    _write_json(out_dir / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False})
+    _write_json(
+        out_dir / "generation_config.json",
+        {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False},
+    )
     _write_json(
         out_dir / "tokenizer_config.json",
         {
@@ -221,7 +258,10 @@ def make_model(size: str, out_dir: Path, seed: int = 0, *, progress: bool | None
         },
     )
 
-    shapes = {ember_to_hf_name(n): s for n, s in expected_shapes(build_meta_model(ModelConfig.from_hf(config))).items()}
+    shapes = {
+        ember_to_hf_name(n): s
+        for n, s in expected_shapes(build_meta_model(ModelConfig.from_hf(config))).items()
+    }
     shards = plan_shards(shapes, spec.max_shard_bytes)
     for stale in [*out_dir.glob("model-*-of-*.safetensors"), out_dir / SINGLE_FILE]:
         stale.unlink(missing_ok=True)
@@ -232,8 +272,12 @@ def make_model(size: str, out_dir: Path, seed: int = 0, *, progress: bool | None
         tensors = {name: init_tensor(name, shapes[name], seed) for name in names}
         save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, file))
-        report(f"wrote shard {i}/{len(shards)} ({sum(t.nbytes for t in tensors.values()) / 1e6:.0f} MB)")
+        shard_mb = sum(t.nbytes for t in tensors.values()) / 1e6
+        report(f"wrote shard {i}/{len(shards)} ({shard_mb:.0f} MB)")
         del tensors
-    _write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
-    report(f"done: {sum(math.prod(s) for s in shapes.values()) / 1e6:.1f} M params, {total_bytes / 1e9:.2f} GB")
+    _write_json(
+        out_dir / INDEX_FILE, {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    )
+    n_params = sum(math.prod(s) for s in shapes.values())
+    report(f"done: {n_params / 1e6:.1f} M params, {total_bytes / 1e9:.2f} GB")
     return out_dir

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,9 @@ class ModelConfig:
         if self.head_dim == -1:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.n_heads % self.n_kv_heads:
-            raise UnsupportedModelError(f"n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}")
+            raise UnsupportedModelError(
+                f"n_heads {self.n_heads} not a multiple of n_kv_heads {self.n_kv_heads}"
+            )
         if self.dtype not in DTYPES:
             raise UnsupportedModelError(f"dtype {self.dtype!r} not one of {sorted(DTYPES)}")
 
@@ -74,11 +76,13 @@ class ModelConfig:
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedModelError(
-                f"model_type {model_type!r} (architectures {config.get('architectures')}) is not supported; "
+                f"model_type {model_type!r} ({config.get('architectures')}) is not supported; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         if config.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModelError(f"hidden_act {config['hidden_act']!r} is not supported (silu only)")
+            raise UnsupportedModelError(
+                f"hidden_act {config['hidden_act']!r} is not supported (silu only)"
+            )
         if config.get("mlp_bias", False):
             raise UnsupportedModelError("mlp_bias=true is not supported")
         sliding_window = None
@@ -89,7 +93,7 @@ class ModelConfig:
         attention_bias = bool(config.get("attention_bias", False))
         n_heads = config["num_attention_heads"]
         max_pos = config.get("max_position_embeddings", 4096)
-        # transformers 5 writes rope_parameters (theta inside); 4.x writes rope_theta + rope_scaling.
+        # transformers 5 writes rope_parameters (theta inside); 4.x rope_theta + rope_scaling.
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         return cls(
             vocab_size=config["vocab_size"],
@@ -126,7 +130,9 @@ def _rope_scaling(rope: Mapping[str, Any], max_pos: int) -> RopeScaling | None:
             float(rope["high_freq_factor"]),
             int(rope.get("original_max_position_embeddings", max_pos)),
         )
-    raise UnsupportedModelError(f"rope type {rope_type!r} is not supported (default, linear, llama3)")
+    raise UnsupportedModelError(
+        f"rope type {rope_type!r} is not supported (default, linear, llama3)"
+    )
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:
@@ -144,13 +150,17 @@ def rope_inv_freq(config: ModelConfig) -> Tensor:
     high_freq_wavelen = old_len / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(is_medium, smoothed, scaled)
 
 
-def precompute_rope(config: ModelConfig, seq_len: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+def precompute_rope(
+    config: ModelConfig, seq_len: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
     """cos, sin tables [seq_len, head_dim], computed in float32 then cast (as HF does)."""
     inv_freq = rope_inv_freq(config).to(device)
     t = torch.arange(seq_len, device=device, dtype=torch.float32)
@@ -165,19 +175,38 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-class KVCache(nn.Module):
-    def __init__(self, max_batch: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__()
-        shape = (max_batch, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+class Step(NamedTuple):
+    """Per-forward inputs every layer shares, computed once in `Transformer.forward`."""
 
-    def update(self, rows: Tensor | slice, slots: Tensor, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int) -> tuple[Tensor, Tensor]:
-        # slots [B], input_pos [B, S], k, v [B, S, Hkv, D] -> cache[slots[b], :, input_pos[b, s]]
-        self.k_cache[slots[:, None], :, input_pos] = k
-        self.v_cache[slots[:, None], :, input_pos] = v
-        # slice to the live length, then gather rows (a view, no copy, when rows is a slice)
-        return self.k_cache[:, :, :kv_len][rows], self.v_cache[:, :, :kv_len][rows]  # [B, Hkv, L, D]
+    input_pos: Tensor  # [B, S] absolute positions
+    slots: Tensor  # [B] cache row of each sequence
+    rows: Tensor | slice  # cache rows to read: a slice (a view, no copy) when slots are consecutive
+    kv_len: int  # cache positions read: 0 .. kv_len - 1
+    cos: Tensor  # [B, S, 1, D]
+    sin: Tensor  # [B, S, 1, D]
+    mask: Tensor  # [B, 1, S, L] bool, True = attend
+
+
+class KVCache(nn.Module):
+    def __init__(
+        self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()  # shape [max_batch, n_kv_heads, max_seq_len, head_dim]
+        self.register_buffer(
+            "k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False
+        )
+        self.register_buffer(
+            "v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False
+        )
+
+    def update(self, step: Step, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # k, v [B, S, Hkv, D] -> cache[slots[b], :, input_pos[b, s]]
+        self.k_cache[step.slots[:, None], :, step.input_pos] = k
+        self.v_cache[step.slots[:, None], :, step.input_pos] = v
+        # slice to the live length, then gather the rows
+        k_all = self.k_cache[:, :, : step.kv_len][step.rows]  # [B, Hkv, L, D]
+        v_all = self.v_cache[:, :, : step.kv_len][step.rows]
+        return k_all, v_all
 
 
 class RMSNorm(nn.Module):
@@ -195,26 +224,35 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.n_heads,
+            config.n_kv_heads,
+            config.head_dim,
+        )
         self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
         self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.out_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor, slots: Tensor, rows: Tensor | slice, kv_len: int) -> Tensor:
+    def forward(self, x: Tensor, step: Step) -> Tensor:
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim)  # [B, S, H, D]
         k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim)  # [B, S, Hkv, D]
         v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = self.kv_cache.update(rows, slots, input_pos, k, v, kv_len)  # [B, Hkv, L, D]
+        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
+        k, v = self.kv_cache.update(step, k, v)  # [B, Hkv, L, D]
         if S == 1:  # decode: a kv head's query heads become query rows, so K/V are read once
-            q = q.view(B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)  # [B, Hkv, H/Hkv, D]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask [B, 1, 1, L] broadcasts
+            q = q.view(
+                B, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
+            )  # [B, Hkv, H/Hkv, D]
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=step.mask
+            )  # mask [B, 1, 1, L] broadcasts
         else:
             q = q.transpose(1, 2)  # [B, H, S, D]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+            gqa = self.n_heads != self.n_kv_heads
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, enable_gqa=gqa)
             y = y.transpose(1, 2)  # [B, S, H, D]
         return self.wo(y.reshape(B, S, self.n_heads * self.head_dim))
 
@@ -238,8 +276,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor, slots: Tensor, rows: Tensor | slice, kv_len: int) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, slots, rows, kv_len)
+    def forward(self, x: Tensor, step: Step) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -254,7 +292,9 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.max_batch = self.max_seq_len = -1
-        self.register_buffer("rope_cos", None, persistent=False)  # [max_seq_len, D], by setup_caches
+        self.register_buffer(
+            "rope_cos", None, persistent=False
+        )  # [max_seq_len, D], by setup_caches
         self.register_buffer("rope_sin", None, persistent=False)
         self.register_buffer("positions", None, persistent=False)  # [max_seq_len]: 0, 1, 2, ...
 
@@ -262,33 +302,36 @@ class Transformer(nn.Module):
         if self.max_batch >= max_batch and self.max_seq_len >= max_seq_len:
             return
         weight = self.tok_embeddings.weight
-        c = self.config
+        shape = (max_batch, self.config.n_kv_heads, max_seq_len, self.config.head_dim)
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch, c.n_kv_heads, max_seq_len, c.head_dim, weight.dtype, weight.device)
-        self.rope_cos, self.rope_sin = precompute_rope(c, max_seq_len, weight.dtype, weight.device)
+            layer.attention.kv_cache = KVCache(shape, weight.dtype, weight.device)
+        self.rope_cos, self.rope_sin = precompute_rope(
+            self.config, max_seq_len, weight.dtype, weight.device
+        )
         self.positions = torch.arange(max_seq_len, device=weight.device)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
-    def forward(self, tokens: Tensor, input_pos: Tensor, slots: Tensor, last_only: bool = False) -> Tensor:
+    def forward(
+        self, tokens: Tensor, input_pos: Tensor, slots: Tensor, last_only: bool = False
+    ) -> Tensor:
         # tokens, input_pos [B, S]; slots [B] -> logits [B, S, V] (or [B, V] if last_only), float32
         if self.rope_cos is None:
             raise RuntimeError("call setup_caches(max_batch, max_seq_len) before forward")
         kv_len = int(input_pos.max()) + 1  # host sync
         if kv_len > self.max_seq_len:
             raise ValueError(f"position {kv_len - 1} is past the cache length {self.max_seq_len}")
-        rows = _slot_rows(slots)  # host sync
-        cos = self.rope_cos[input_pos].unsqueeze(2)  # [B, S, 1, D]
-        sin = self.rope_sin[input_pos].unsqueeze(2)
         k_pos = self.positions[:kv_len]  # [L]
         q_pos = input_pos.unsqueeze(-1)  # [B, S, 1]
         mask = k_pos <= q_pos  # [B, S, L]: causal within each slot
         if self.config.sliding_window is not None:
             mask &= k_pos > q_pos - self.config.sliding_window
-        mask = mask.unsqueeze(1)  # [B, 1, S, L]
+        cos = self.rope_cos[input_pos].unsqueeze(2)  # [B, S, 1, D]
+        sin = self.rope_sin[input_pos].unsqueeze(2)
+        step = Step(input_pos, slots, _slot_rows(slots), kv_len, cos, sin, mask.unsqueeze(1))
 
         x = self.tok_embeddings(tokens)  # [B, S, dim]
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos, slots, rows, kv_len)
+            x = layer(x, step)
         if last_only:
             x = x[:, -1]  # [B, dim]
         return self.output(self.norm(x)).float()

@@ -89,7 +89,10 @@ _IGNORED_HF = re.compile(r".*\.rotary_emb\.inv_freq")  # written by old transfor
 
 
 def hf_to_ember_name(name: str) -> str | None:
-    """'model.layers.3.mlp.gate_proj.weight' -> 'layers.3.feed_forward.w1.weight'; None if unknown."""
+    """'model.layers.3.mlp.gate_proj.weight' -> 'layers.3.feed_forward.w1.weight'.
+
+    None for a name this model has no parameter for.
+    """
     if name in _TOP_LEVEL:
         return _TOP_LEVEL[name]
     m = _HF_LAYER.fullmatch(name)
@@ -123,7 +126,7 @@ def read_config(model_dir: Path) -> ModelConfig:
 
 
 def read_generation_config(model_dir: Path) -> list[int]:
-    """End-of-sequence token ids: generation_config.json, else config.json; [] if neither names any."""
+    """End-of-sequence token ids from generation_config.json, else config.json; [] if none."""
     model_dir = Path(model_dir)
     for name in ("generation_config.json", "config.json"):
         path = model_dir / name
@@ -182,17 +185,22 @@ def plan_load(
             raise MissingTensorError(f"checkpoint has no tensor {hf_name!r} (needed for {name})")
         if tuple(available[hf_name]) != tuple(shape):
             raise ShapeMismatchError(
-                f"tensor {hf_name!r} has shape {list(available[hf_name])}, the config implies {list(shape)}"
+                f"tensor {hf_name!r} has shape {list(available[hf_name])}, "
+                f"the config implies {list(shape)}"
             )
         plan[name] = hf_name
     used = set(plan.values())
     extra = sorted(
         n
         for n in available
-        if n not in used and not _IGNORED_HF.fullmatch(n) and not (tie_embeddings and n == "lm_head.weight")
+        if n not in used
+        and not _IGNORED_HF.fullmatch(n)
+        and not (tie_embeddings and n == "lm_head.weight")
     )
     if extra:
-        raise UnexpectedTensorError(f"checkpoint has {len(extra)} tensors this model does not use: {extra[:5]}")
+        raise UnexpectedTensorError(
+            f"checkpoint has {len(extra)} tensors this model does not use: {extra[:5]}"
+        )
     return plan
 
 
@@ -241,7 +249,9 @@ def assign_weights(model: Transformer, tensors: Mapping[str, Tensor]) -> Transfo
     return model.requires_grad_(False).eval()
 
 
-def load_model(model_dir: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+def load_model(
+    model_dir: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> Transformer:
     """Load a Hugging Face checkpoint directory; dtype None means the config's torch_dtype."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)

@@ -1,4 +1,4 @@
-"""Generated checkpoints: deterministic, Hugging Face loadable, with a working byte-level tokenizer."""
+"""Generated checkpoints: deterministic, loadable by transformers, with a byte-level tokenizer."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import transformers
 from tokenizers import Tokenizer
 
 from gpu_worker.make_model import BOS, EOS, SIZES, hf_config, make_model, plan_shards
@@ -33,7 +34,12 @@ def test_same_seed_same_bytes_other_seed_other_weights(tiny, tmp_path):
 
 def test_layout_is_hugging_face_sharded(tiny):
     names = {p.name for p in tiny.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     index = json.loads((tiny / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) >= 2 and shards <= names
@@ -45,17 +51,16 @@ def test_tokenizer_round_trips_multibyte_text_and_has_llama3_specials(tiny):
     tok = Tokenizer.from_file(str(tiny / "tokenizer.json"))
     config = json.loads((tiny / "config.json").read_text())
     assert tok.get_vocab_size() == config["vocab_size"] == SIZES["tiny"].vocab_size
-    text = "Crème brûlée in Zürich, 東京 and 北京 🚀👍🏽 — 42 items\n\tdef f(x): return x"
+    text = "Crème brûlée in Zürich, 東京 and 北京 🚀👍🏽 — 42 items\n\tdef f(x): x"
     ids = tok.encode(text).ids
     assert ids[0] == tok.token_to_id(BOS)  # the post-processor adds BOS, as Llama 3's does
     assert tok.decode(ids) == text
-    assert len(tok.encode("🚀", add_special_tokens=False).ids) > 1  # a character split over tokens
+    assert len(tok.encode("🚀", add_special_tokens=False).ids) > 1  # one character, several tokens
     assert read_generation_config(tiny) == [tok.token_to_id(EOS)] == [config["eos_token_id"]]
 
 
 @torch.no_grad()
 def test_transformers_loads_it_and_agrees_with_ours(tiny):
-    transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny).eval()
     ours = load_model(tiny)
     ours.setup_caches(max_batch=1, max_seq_len=64)
@@ -75,10 +80,14 @@ def test_tiny_generates_varied_tokens_fast(tiny):
     try:
         t0 = time.perf_counter()
         ids, out = [1, 2, 3], []
-        logits = model(torch.tensor([ids]), torch.arange(3)[None], torch.tensor([0]), last_only=True)
+        logits = model(
+            torch.tensor([ids]), torch.arange(3)[None], torch.tensor([0]), last_only=True
+        )
         for pos in range(3, 35):
             out.append(int(logits.argmax(-1)))
-            logits = model(torch.tensor([[out[-1]]]), torch.tensor([[pos]]), torch.tensor([0]), last_only=True)
+            logits = model(
+                torch.tensor([[out[-1]]]), torch.tensor([[pos]]), torch.tensor([0]), last_only=True
+            )
         elapsed = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)
@@ -98,7 +107,12 @@ def test_shards_keep_layer_order_and_balance():
     shards = plan_shards(shapes, max_shard_bytes=1 << 30)
     assert [n for s in shards for n in s] == list(shapes) and len(shards) == 2
     shards = plan_shards(shapes, max_shard_bytes=12_000)  # 40 kB in 4 shards of about 10 kB
-    assert [n for s in shards for n in s] == list(shapes) and [len(s) for s in shards] == [3, 2, 3, 2]
+    assert [n for s in shards for n in s] == list(shapes) and [len(s) for s in shards] == [
+        3,
+        2,
+        3,
+        2,
+    ]
 
 
 def test_unknown_size(tmp_path):

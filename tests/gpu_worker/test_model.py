@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from gpu_worker.model import ModelConfig, RopeScaling, Transformer, UnsupportedModelError, rope_inv_freq  # noqa: E402
-from gpu_worker.weights import load_model  # noqa: E402
+from gpu_worker.model import (
+    ModelConfig,
+    RopeScaling,
+    Transformer,
+    UnsupportedModelError,
+    rope_inv_freq,
+)
+from gpu_worker.weights import load_model
 
 VOCAB = 128
 COMMON = dict(
@@ -70,11 +75,15 @@ def greedy(model: Transformer, prompt_ids: list[int], n: int, slot: int = 0) -> 
     """Prefill the prompt into `slot`, then decode n tokens one step at a time."""
     model.setup_caches(max_batch=4, max_seq_len=64)
     pos = len(prompt_ids)
-    logits = model(torch.tensor([prompt_ids]), torch.arange(pos)[None], torch.tensor([slot]), last_only=True)
+    logits = model(
+        torch.tensor([prompt_ids]), torch.arange(pos)[None], torch.tensor([slot]), last_only=True
+    )
     out: list[int] = []
     for _ in range(n):
         out.append(int(logits.argmax(-1)))
-        logits = model(torch.tensor([[out[-1]]]), torch.tensor([[pos]]), torch.tensor([slot]), last_only=True)
+        logits = model(
+            torch.tensor([[out[-1]]]), torch.tensor([[pos]]), torch.tensor([slot]), last_only=True
+        )
         pos += 1
     return out
 
@@ -109,7 +118,9 @@ def llama(tmp_path_factory):
 
 
 def prefill_last(model: Transformer, ids: list[int], slot: int) -> torch.Tensor:
-    return model(torch.tensor([ids]), torch.arange(len(ids))[None], torch.tensor([slot]), last_only=True)[0]
+    return model(
+        torch.tensor([ids]), torch.arange(len(ids))[None], torch.tensor([slot]), last_only=True
+    )[0]
 
 
 @pytest.mark.parametrize("slots", [(2, 0), (1, 2)], ids=["gathered_rows", "consecutive_rows"])
@@ -127,7 +138,9 @@ def test_batched_decode_at_different_positions_matches_each_alone(llama, slots):
             last_only=True,
         )
         a, b = [*a, ta], [*b, tb]
-        alone = torch.stack([prefill_last(llama, a, 3), prefill_last(llama, b, 3)])  # slot 3: scratch
+        alone = torch.stack(
+            [prefill_last(llama, a, 3), prefill_last(llama, b, 3)]
+        )  # slot 3: scratch
         torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
 
 
@@ -159,7 +172,9 @@ def test_caches_are_static_and_in_model_dtype(llama):
 def test_forward_errors(llama):
     with pytest.raises(ValueError, match="past the cache length"):
         llama(torch.tensor([[1]]), torch.tensor([[64]]), torch.tensor([0]))
-    fresh = Transformer(ModelConfig(vocab_size=16, dim=8, n_layers=1, n_heads=2, intermediate_size=16))
+    fresh = Transformer(
+        ModelConfig(vocab_size=16, dim=8, n_layers=1, n_heads=2, intermediate_size=16)
+    )
     with pytest.raises(RuntimeError, match="setup_caches"):
         fresh(torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([0]))
 
@@ -201,8 +216,13 @@ def test_from_hf_reads_transformers_4_spelling():
             "num_key_value_heads": 8,
             "rms_norm_eps": 1e-5,
             "rope_theta": 500000.0,
-            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
             "max_position_embeddings": 131072,
             "tie_word_embeddings": False,
             "torch_dtype": "bfloat16",
@@ -210,14 +230,26 @@ def test_from_hf_reads_transformers_4_spelling():
     )
     assert (config.head_dim, config.n_kv_heads, config.rope_theta) == (128, 8, 500000.0)
     assert config.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
-    assert config.torch_dtype == torch.bfloat16 and not config.qkv_bias and config.sliding_window is None
-    linear = ModelConfig.from_hf({**_small("llama"), "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert (
+        config.torch_dtype == torch.bfloat16
+        and not config.qkv_bias
+        and config.sliding_window is None
+    )
+    linear = ModelConfig.from_hf(
+        {**_small("llama"), "rope_scaling": {"type": "linear", "factor": 2.0}}
+    )
     assert linear.rope_scaling == RopeScaling("linear", 2.0)
 
 
 def _small(model_type: str) -> dict:
-    return {"model_type": model_type, "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16,
-            "num_hidden_layers": 1, "num_attention_heads": 2}
+    return {
+        "model_type": model_type,
+        "vocab_size": 16,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
 
 
 def test_from_hf_family_specifics_and_unsupported_configs():

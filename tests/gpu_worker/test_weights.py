@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
-transformers = pytest.importorskip("transformers")
-
-from gpu_worker.weights import (  # noqa: E402
+from gpu_worker.weights import (
     CheckpointNotFoundError,
     MissingTensorError,
     ShapeMismatchError,
@@ -68,8 +67,12 @@ def test_loaded_model_is_materialised_frozen_and_in_the_requested_dtype(single):
     for name, p in model.named_parameters():
         assert p.device.type == "cpu" and p.dtype == torch.bfloat16 and not p.requires_grad, name
     model.setup_caches(max_batch=2, max_seq_len=16)
-    logits = model(torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]), torch.tensor([1]), last_only=True)
-    assert logits.shape == (1, 96) and logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    logits = model(
+        torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 2]]), torch.tensor([1]), last_only=True
+    )
+    assert (
+        logits.shape == (1, 96) and logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    )
 
 
 def test_dtype_defaults_to_the_checkpoint_config(tmp_path):
@@ -92,7 +95,9 @@ def test_name_mapping_round_trips_for_every_parameter(single):
     ours = set(model.state_dict())
     assert {ember_to_hf_name(n) for n in ours} == hf_names
     assert {hf_to_ember_name(n) for n in hf_names} == ours
-    assert hf_to_ember_name("model.layers.3.mlp.gate_proj.weight") == "layers.3.feed_forward.w1.weight"
+    assert (
+        hf_to_ember_name("model.layers.3.mlp.gate_proj.weight") == "layers.3.feed_forward.w1.weight"
+    )
     assert hf_to_ember_name("model.layers.0.self_attn.q_norm.weight") is None
     with pytest.raises(KeyError):
         ember_to_hf_name("layers.0.attention.unknown.weight")
@@ -135,8 +140,13 @@ def test_missing_tensor_is_named(tmp_path):
 
 def test_bad_shape_is_named(tmp_path):
     save_llama(tmp_path)
-    _rewrite(tmp_path, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(8, 32)}))
-    with pytest.raises(ShapeMismatchError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight.*\[8, 32\].*\[16, 32\]"):
+    _rewrite(
+        tmp_path, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(8, 32)})
+    )
+    with pytest.raises(
+        ShapeMismatchError,
+        match=r"model\.layers\.0\.self_attn\.k_proj\.weight.*\[8, 32\].*\[16, 32\]",
+    ):
         load_model(tmp_path)
 
 
@@ -146,7 +156,10 @@ def test_missing_files(tmp_path, single):
     (tmp_path / "config.json").write_text((single / "config.json").read_text())
     with pytest.raises(CheckpointNotFoundError, match="model.safetensors"):
         load_model(tmp_path)
-    index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"},
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointNotFoundError, match="model-00001-of-00002.safetensors"):
         load_model(tmp_path)
@@ -155,7 +168,9 @@ def test_missing_files(tmp_path, single):
 
 def test_unsupported_architecture(tmp_path, single):
     config = json.loads((single / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    )
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         load_model(tmp_path)
 
@@ -171,6 +186,8 @@ def test_read_generation_config(tmp_path):
 def test_expected_shapes_leave_out_a_tied_output():
     from gpu_worker.model import ModelConfig
 
-    tied = ModelConfig(vocab_size=16, dim=8, n_layers=1, n_heads=2, intermediate_size=16, tie_embeddings=True)
+    tied = ModelConfig(
+        vocab_size=16, dim=8, n_layers=1, n_heads=2, intermediate_size=16, tie_embeddings=True
+    )
     shapes = expected_shapes(build_meta_model(tied))
     assert "output.weight" not in shapes and shapes["tok_embeddings.weight"] == (16, 8)
