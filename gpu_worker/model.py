@@ -317,9 +317,16 @@ class Transformer(nn.Module):
         # tokens, input_pos [B, S]; slots [B] -> logits [B, S, V] (or [B, V] if last_only), float32
         if self.rope_cos is None:
             raise RuntimeError("call setup_caches(max_batch, max_seq_len) before forward")
-        kv_len = int(input_pos.max()) + 1  # host sync
-        if kv_len > self.max_seq_len:
-            raise ValueError(f"position {kv_len - 1} is past the cache length {self.max_seq_len}")
+        if _graph_capturing(tokens):
+            # no host sync allowed: read the whole cache, the mask does the rest
+            kv_len, rows = self.max_seq_len, slots
+        else:
+            kv_len = int(input_pos.max()) + 1  # host sync
+            if kv_len > self.max_seq_len:
+                raise ValueError(
+                    f"position {kv_len - 1} is past the cache length {self.max_seq_len}"
+                )
+            rows = _slot_rows(slots)  # host sync
         k_pos = self.positions[:kv_len]  # [L]
         q_pos = input_pos.unsqueeze(-1)  # [B, S, 1]
         mask = k_pos <= q_pos  # [B, S, L]: causal within each slot
@@ -327,7 +334,7 @@ class Transformer(nn.Module):
             mask &= k_pos > q_pos - self.config.sliding_window
         cos = self.rope_cos[input_pos].unsqueeze(2)  # [B, S, 1, D]
         sin = self.rope_sin[input_pos].unsqueeze(2)
-        step = Step(input_pos, slots, _slot_rows(slots), kv_len, cos, sin, mask.unsqueeze(1))
+        step = Step(input_pos, slots, rows, kv_len, cos, sin, mask.unsqueeze(1))
 
         x = self.tok_embeddings(tokens)  # [B, S, dim]
         for layer in self.layers:
@@ -335,6 +342,10 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1]  # [B, dim]
         return self.output(self.norm(x)).float()
+
+
+def _graph_capturing(t: Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _slot_rows(slots: Tensor) -> Tensor | slice:

@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+import gpu_worker.model
 from gpu_worker.model import (
     ModelConfig,
     RopeScaling,
@@ -157,6 +158,18 @@ def test_batched_chunk_with_rows_at_different_start_positions(llama):
     want_a = llama(torch.tensor([a]), torch.arange(12)[None], torch.tensor([1]))[0, 8:]
     want_b = llama(torch.tensor([b]), torch.arange(9)[None], torch.tensor([1]))[0, 5:]
     torch.testing.assert_close(got, torch.stack([want_a, want_b]), atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_sync_free_path_for_cuda_graph_capture_gives_the_same_logits(llama, monkeypatch):
+    """Under capture the model reads the whole cache and all rows by index, with no host sync."""
+    a, b = prompt(6, seed=7), prompt(10, seed=8)
+    prefill_last(llama, a, 1)
+    prefill_last(llama, b, 2)
+    args = torch.tensor([[3], [4]]), torch.tensor([[6], [10]]), torch.tensor([1, 2])
+    eager = llama(*args, last_only=True)
+    monkeypatch.setattr(gpu_worker.model, "_graph_capturing", lambda t: True)
+    torch.testing.assert_close(llama(*args, last_only=True), eager, atol=1e-5, rtol=0)
 
 
 def test_caches_are_static_and_in_model_dtype(llama):
