@@ -117,8 +117,21 @@ def ember_to_hf_name(name: str) -> str:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointNotFoundError(f"{path} not found")
-    with path.open() as f:
-        return json.load(f)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: unreadable JSON ({exc})") from exc
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: Path, device: str = "cpu") -> Iterator:
+    """safe_open, with a damaged file reported as a WeightsError naming it."""
+    try:
+        f = safe_open(path, framework="pt", device=device)
+    except Exception as exc:  # safetensors raises its own SafetensorError or OSError
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
+    with f:
+        yield f
 
 
 def read_config(model_dir: Path) -> ModelConfig:
@@ -219,7 +232,7 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
                 raise CheckpointNotFoundError(f"shard {path} named in {INDEX_FILE} not found")
         return files
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with _open_safetensors(single) as f:
             return {name: single for name in f.keys()}
     raise CheckpointNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}")
 
@@ -228,7 +241,7 @@ def read_checkpoint_shapes(files: Mapping[str, Path]) -> dict[str, tuple[int, ..
     """HF name -> shape, from the safetensors headers only."""
     shapes: dict[str, tuple[int, ...]] = {}
     for path in sorted(set(files.values())):
-        with safe_open(path, framework="pt") as f:
+        with _open_safetensors(path) as f:
             for name in f.keys():
                 if files.get(name) == path:
                     shapes[name] = tuple(f.get_slice(name).get_shape())
@@ -252,7 +265,11 @@ def assign_weights(model: Transformer, tensors: Mapping[str, Tensor]) -> Transfo
 def load_model(
     model_dir: Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ) -> Transformer:
-    """Load a Hugging Face checkpoint directory; dtype None means the config's torch_dtype."""
+    """Load a Hugging Face checkpoint directory; dtype None means the config's torch_dtype.
+
+    On CPU, tensors already in `dtype` stay mapped from the files (safetensors mmap): loading
+    copies nothing and pages come in from the page cache on first use.
+    """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     dtype = dtype or config.torch_dtype
@@ -265,7 +282,7 @@ def load_model(
         by_file.setdefault(files[hf_name], []).append((name, hf_name))
     tensors: dict[str, Tensor] = {}
     for path, names in by_file.items():
-        with safe_open(path, framework="pt", device=str(torch.device(device))) as f:
+        with _open_safetensors(path, str(torch.device(device))) as f:
             for name, hf_name in names:
                 t = f.get_tensor(hf_name)
                 tensors[name] = t if t.dtype == dtype else t.to(dtype)

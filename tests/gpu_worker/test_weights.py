@@ -15,6 +15,7 @@ from gpu_worker.weights import (
     ShapeMismatchError,
     UnexpectedTensorError,
     UnsupportedModelError,
+    WeightsError,
     build_meta_model,
     ember_to_hf_name,
     expected_shapes,
@@ -164,6 +165,16 @@ def test_missing_files(tmp_path, single):
     with pytest.raises(CheckpointNotFoundError, match="model-00001-of-00002.safetensors"):
         load_model(tmp_path)
     assert issubclass(CheckpointNotFoundError, FileNotFoundError)
+
+
+def test_damaged_files_are_named(tmp_path, single):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(WeightsError, match="config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text((single / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00garbage")
+    with pytest.raises(WeightsError, match="model.safetensors"):
+        load_model(tmp_path)
 
 
 def test_unsupported_architecture(tmp_path, single):
