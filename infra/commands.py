@@ -99,7 +99,7 @@ def topics_apply(args: argparse.Namespace) -> int:
 
     kafka = KafkaSettings.from_env()
     try:
-        report = asyncio.run(apply_topics(kafka, all_topics(args.model), dry_run=args.dry_run))
+        report = asyncio.run(apply_topics(kafka, all_topics(args.model, args.replication_factor), dry_run=args.dry_run))
     except TopicsError as exc:
         return _fail("topics apply", str(exc))
     _say(report.describe())
@@ -139,6 +139,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default=[],
         metavar="NAME",
         help="also the request topic of model NAME (repeatable)",
+    )
+    apply.add_argument(
+        "--replication-factor",
+        type=int,
+        default=1,
+        help="replicas of each topic on a multi-broker cluster (default: 1)",
     )
     apply.add_argument("--dry-run", action="store_true", help="report only, create nothing")
     apply.set_defaults(func=_guarded("topics apply", topics_apply))

@@ -73,11 +73,14 @@ def model_topic_name(model: str) -> str:
     return MODEL_TOPIC_PREFIX + _UNSAFE.sub("_", model)[: 249 - len(MODEL_TOPIC_PREFIX)]
 
 
-def model_topic(model: str, partitions: int = MODEL_TOPIC_PARTITIONS) -> TopicSpec:
+def model_topic(
+    model: str, partitions: int = MODEL_TOPIC_PARTITIONS, replication_factor: int = 1
+) -> TopicSpec:
     return TopicSpec(
         model_topic_name(model),
         partitions,
         _traffic(DAY_MS),
+        replication_factor,
         description=f"admitted requests for model {model}; one partition per worker",
     )
 
@@ -103,5 +106,5 @@ def core_topics(replication_factor: int = 1) -> list[TopicSpec]:
 
 def all_topics(models: Sequence[str] = (), replication_factor: int = 1) -> list[TopicSpec]:
     specs = core_topics(replication_factor)
-    specs += [model_topic(m) for m in models]
+    specs += [model_topic(m, replication_factor=replication_factor) for m in models]
     return specs
