@@ -263,7 +263,13 @@ def make_model(size: str, out_dir: Path, seed: int = 0, *, progress: bool | None
         for n, s in expected_shapes(build_meta_model(ModelConfig.from_hf(config))).items()
     }
     shards = plan_shards(shapes, spec.max_shard_bytes)
-    for stale in [*out_dir.glob("model-*-of-*.safetensors"), out_dir / SINGLE_FILE]:
+    # New inodes, never rewritten in place: a process may still map the old shards.
+    # The index goes first and comes back last, so a half-written directory does not load.
+    for stale in [
+        out_dir / INDEX_FILE,
+        *out_dir.glob("model-*-of-*.safetensors"),
+        out_dir / SINGLE_FILE,
+    ]:
         stale.unlink(missing_ok=True)
     total_bytes = 4 * sum(math.prod(s) for s in shapes.values())
     weight_map: dict[str, str] = {}
