@@ -14,7 +14,13 @@ import sys
 
 from infra.logs import configure_logging
 
-COMMAND_MODULES = ("infra.commands", "infra.demo", "gpu_worker.commands", "streams.commands")
+COMMAND_MODULES = (
+    "infra.commands",
+    "infra.demo",
+    "infra.supervisor.commands",
+    "gpu_worker.commands",
+    "streams.commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
