@@ -136,6 +136,17 @@ class _InFlight:
     first_token_at: int | None = None
 
 
+def import_runtime() -> None:
+    """Import torch and the runtime: seconds in a fresh interpreter, nothing in a pre-started
+    process (gpu_worker.prestart). The `process` span ends after it, so `weights_load` times
+    the loading alone."""
+    import torch  # noqa: F401
+
+    import gpu_worker.engine
+    import gpu_worker.tokenizer
+    import gpu_worker.weights  # noqa: F401
+
+
 def load_engine(config: WorkerConfig) -> Any:
     """Model, tokenizer and engine from a Hugging Face checkpoint directory (blocking)."""
     import torch
@@ -194,6 +205,7 @@ class Worker:
         await self._producer.start()
         try:
             await self._set_state("starting")
+            await asyncio.to_thread(import_runtime)
             t0 = now_ms()
             await self._span("process", started, t0, float(t0 - started))
             await self._set_state("loading")
