@@ -164,16 +164,11 @@ def parse_assignment(line: bytes | str, assigned_at_ms: int) -> WorkerConfig:
 def preload(device: str) -> tuple[bool, str | None]:
     """Import torch and the runtime; on CUDA create the context. Returns (cuda_context, why
     not) so a machine without CUDA still gets a usable (CPU-warm) process."""
-    import aiokafka  # noqa: F401  (the imports are the point)
     import torch
 
-    import gpu_worker.engine
-    import gpu_worker.model
-    import gpu_worker.sampling
-    import gpu_worker.scheduler
-    import gpu_worker.tokenizer
-    import gpu_worker.weights  # noqa: F401
+    from gpu_worker.worker import import_runtime
 
+    import_runtime()
     (torch.ones(4, 4) @ torch.ones(4, 4)).sum().item()  # first op: dispatcher, thread pool
     if not device.startswith("cuda"):
         return False, None
