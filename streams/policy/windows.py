@@ -150,7 +150,9 @@ class HourOfDayProfile:
         hour 9 observed on three days (3 x 3600 s = 10_800 s) with 54_000 arrivals in all
         -> expected_rate(9) = 54_000 / 10_800 = 5.0 per s.
 
-    A gap longer than `max_gap_s` between two adds (the control plane was down) is not
+    An hour is trusted once it has been watched for `min_observed_s` (a whole hour by default:
+    the 9 o'clock hour is predicted from earlier days' 9 o'clocks, not from its first minutes). A
+    gap longer than `max_gap_s` between two adds (the control plane was down) is not
     credited: nobody watched. When an hour has more than `max_observed_s` of history both of
     its sums are halved, so old days fade (with a week of history that is a half-life of
     about a week). Hours are UTC; the daily pattern shifts with daylight saving for an hour.
@@ -161,7 +163,7 @@ class HourOfDayProfile:
     last_at: int | None = None
     max_gap_s: float = 600.0
     max_observed_s: float = 7 * 3600.0
-    min_observed_s: float = 600.0
+    min_observed_s: float = 3600.0
 
     def add(self, at: int, arrivals: float = 1.0) -> HourOfDayProfile:
         counts, observed = list(self.arrivals), list(self.observed_s)

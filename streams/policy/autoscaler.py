@@ -1,0 +1,287 @@
+"""Ember's predictive autoscaler: size the warm pool for the demand that is coming.
+
+    state, decisions = decide(spec, state, observation, now)
+
+Each tick (the agent calls it every second or two) the policy:
+
+1. folds the observation's counters into its windows: arrivals (trailing request rate),
+   warm / cold arrivals (hit rate now and one window earlier) and the hour-of-day profile;
+2. forecasts the request rate as the higher of the trailing rate and the profile's expected
+   rate for the coming `lookahead_s` (so a daily peak is pre-warmed, and a surprise burst is
+   still followed);
+3. turns rate into concurrency with Little's law, L = rate x service time, takes the higher of
+   that and the concurrency observed now (in flight + pending), and sizes the pool for it at
+   the spec's target utilization;
+4. adds one worker while the hit rate is under `hit_rate_target`, lower than a window ago,
+   and the queue is rising: requests are starting to meet cold workers, so expand before the
+   forecast catches up;
+5. clamps to the spec's floor and ceiling and compares with the pool (ready + booting +
+   launches asked for but not seen yet).
+
+Up is immediate: a missing worker costs a cold start per request. Down is slow, against
+flapping: the pool shrinks only to the highest target of the last `stabilization_s` (so it
+never releases within a stabilization window of a scale-up), and only workers idle for the
+spec's `keep_alive_s` are released, idle longest first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from streams.policy.scaling import (
+    Decision,
+    Observation,
+    Outstanding,
+    ScalingSpec,
+    idle_for_release,
+    pending_inputs,
+    rounded,
+)
+from streams.policy.windows import Buckets, HourOfDayProfile, ms
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """The observation counters at the previous tick; None before the first."""
+
+    arrivals: int
+    warm: int
+    cold: int
+
+    @staticmethod
+    def delta(now: int, before: int | None) -> int:
+        """Growth of a monotonic counter. Nothing before, or a counter that went backwards (its
+        state was reset), counts as no growth: a restart must not look like a burst."""
+        if before is None or now < before:
+            return 0
+        return now - before
+
+
+@dataclass(frozen=True, slots=True)
+class EmberState:
+    """What the predictive policy remembers between ticks."""
+
+    arrivals: Buckets
+    warm: Buckets
+    cold: Buckets
+    profile: HourOfDayProfile
+    counters: Counters | None = None
+    last_pending: int = 0
+    recent_targets: tuple[tuple[int, int], ...] = ()  # (unix ms, target), oldest first
+    outstanding: Outstanding = Outstanding()
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "arrivals": self.arrivals.to_dict(),
+            "warm": self.warm.to_dict(),
+            "cold": self.cold.to_dict(),
+            "profile": self.profile.to_dict(),
+            "counters": None if c is None else [c.arrivals, c.warm, c.cold],
+            "last_pending": self.last_pending,
+            "recent_targets": [list(t) for t in self.recent_targets],
+            "outstanding": self.outstanding.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EmberState:
+        c = data.get("counters")
+        return cls(
+            Buckets.from_dict(data["arrivals"]),
+            Buckets.from_dict(data["warm"]),
+            Buckets.from_dict(data["cold"]),
+            HourOfDayProfile.from_dict(data["profile"]),
+            None if c is None else Counters(int(c[0]), int(c[1]), int(c[2])),
+            int(data["last_pending"]),
+            tuple((int(at), int(t)) for at, t in data["recent_targets"]),
+            Outstanding.from_dict(data["outstanding"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EmberPolicy:
+    """The predictive policy and its tuning.
+
+    window_s / bucket_s: trailing windows for rate and hit rate (hopping, 10 s buckets over
+    60 s). lookahead_s: how far ahead the hour-of-day profile is read. stabilization_s: the
+    scale-down window. hit_rate_target: below it, with a rising queue, the pool expands."""
+
+    name: str = "ember_predictive"
+    window_s: float = 60.0
+    bucket_s: float = 10.0
+    lookahead_s: float = 600.0
+    stabilization_s: float = 120.0
+    hit_rate_target: float = 0.9
+
+    def initial_state(self) -> EmberState:
+        bucket, keep = ms(self.bucket_s), 2 * ms(self.window_s)
+        return EmberState(
+            Buckets(bucket, keep), Buckets(bucket, keep), Buckets(bucket, keep), HourOfDayProfile()
+        )
+
+    def state_from_dict(self, data: Mapping[str, Any]) -> EmberState:
+        return EmberState.from_dict(data)
+
+    def decide(
+        self, spec: ScalingSpec, state: EmberState, observation: Observation, now: int
+    ) -> tuple[EmberState, list[Decision]]:
+        obs = observation
+        state = _fold_counters(state, obs, now)
+        outstanding = state.outstanding.observed(obs, now, ms(spec.launch_grace_s))
+        window = ms(self.window_s)
+
+        # 2. Forecast. Trailing 60 s: 90 arrivals over 60 s -> 1.5/s. Profile for the next
+        # 10 min: 3.0/s (a peak starts in 8 min) -> forecast max(1.5, 3.0) = 3.0/s.
+        rate_trailing = state.arrivals.rate_per_s(now, window)
+        rate_profile = state.profile.expected_rate_ahead(now, ms(self.lookahead_s))
+        rate = max(rate_trailing, rate_profile or 0.0)
+
+        # 3. Little's law: 3.0/s x 4 s service = 12 concurrent; observed now 10 in flight +
+        # 6 pending = 16 -> demand 16 -> 16 / (8 slots x 0.7) = 2.86 -> 3 workers.
+        service_s = obs.mean_service_s or spec.default_service_s
+        little = rate * service_s
+        demand = max(little, float(obs.concurrency))
+        base = spec.workers_for(demand)
+
+        # 4. Hit-rate trend. Last 60 s: 30 warm of 40 -> 0.75 < 0.9; the 60 s before: 0.95;
+        # pending 6 > 2 a tick ago -> expand by one.
+        warm, cold = state.warm.sum(now, window), state.cold.sum(now, window)
+        warm_before, cold_before = (
+            state.warm.sum_before(now, window),
+            state.cold.sum_before(now, window),
+        )
+        hit_rate = warm / (warm + cold) if warm + cold else None
+        hit_before = (
+            warm_before / (warm_before + cold_before) if warm_before + cold_before else None
+        )
+        queue_rising = obs.pending_total > state.last_pending
+        falling = hit_rate is not None and (hit_before is None or hit_rate < hit_before)
+        expand = (
+            hit_rate is not None and hit_rate < self.hit_rate_target and falling and queue_rising
+        )
+
+        target = spec.clamp(base + (1 if expand else 0))
+        stab = ms(self.stabilization_s)
+        recent = tuple((at, t) for at, t in state.recent_targets if now - at < stab) + (
+            (now, target),
+        )
+        active = outstanding.active(obs)
+        inputs = rounded(
+            {
+                "rate_trailing_per_s": rate_trailing,
+                "rate_profile_per_s": rate_profile,
+                "rate_forecast_per_s": rate,
+                "service_s": service_s,
+                "little_concurrency": little,
+                "concurrency": obs.concurrency,
+                "in_flight": obs.in_flight,
+                "hit_rate": hit_rate,
+                "hit_rate_before": hit_before,
+                "ready": len(outstanding.serving(obs)),
+                "booting": len(obs.booting),
+                "unseen_launches": outstanding.unseen_launches,
+                "active": active,
+                "base": base,
+                "target": target,
+                "floor": spec.floor,
+                "ceiling": spec.ceiling,
+            }
+        ) | pending_inputs(obs)
+
+        sizing = (
+            f"demand {demand:.1f} concurrent (forecast {rate:.2f}/s x {service_s:.1f} s, "
+            f"{obs.concurrency} in system)"
+        )
+        if expand:
+            sizing += f"; hit rate {hit_rate:.2f} falling and queue rising: +1 ahead"
+        decisions: list[Decision]
+        if target > active:
+            n = target - active
+            why = f"target {target} > {active} workers: {sizing}"
+            decisions = [Decision.scale_up(n, why, inputs)]
+            outstanding = outstanding.launched(n, now)
+        elif target < active:
+            decisions, outstanding = self._scale_down(
+                spec, obs, outstanding, now, active, target, recent, inputs
+            )
+        else:
+            decisions = [
+                Decision.hold(f"pool of {active} matches target {target}: {sizing}", inputs)
+            ]
+
+        state = replace(
+            state, last_pending=obs.pending_total, recent_targets=recent, outstanding=outstanding
+        )
+        return state, decisions
+
+    def _scale_down(
+        self,
+        spec: ScalingSpec,
+        obs: Observation,
+        outstanding: Outstanding,
+        now: int,
+        active: int,
+        target: int,
+        recent: tuple[tuple[int, int], ...],
+        inputs: dict[str, Any],
+    ) -> tuple[list[Decision], Outstanding]:
+        # Stabilization: targets of the last 120 s were 5, 4, 3 -> shrink to 5, not 3.
+        down_to = max(t for _, t in recent)
+        inputs = inputs | {"down_to": down_to}
+        if down_to >= active:
+            why = (
+                f"target {target} < {active} workers, but it was {down_to} within the last "
+                f"{self.stabilization_s:.0f} s: holding against flapping"
+            )
+            return [Decision.hold(why, inputs)], outstanding
+        idle = idle_for_release(obs, outstanding, now, spec.keep_alive_s)
+        chosen = idle[: active - down_to]
+        if not chosen:
+            why = (
+                f"target {down_to} < {active} workers, but none idle for keep-alive "
+                f"{spec.keep_alive_s:.0f} s"
+            )
+            return [Decision.hold(why, inputs)], outstanding
+        decisions = []
+        for w in chosen:
+            idle_s = (now - (w.idle_since or now)) / 1000
+            why = (
+                f"target {down_to} < {active} workers for {self.stabilization_s:.0f} s; "
+                f"{w.worker_id} idle {idle_s:.0f} s >= keep-alive {spec.keep_alive_s:.0f} s"
+            )
+            decisions.append(Decision.release(w.worker_id, why, inputs))
+            outstanding = outstanding.released(w.worker_id, now)
+        return decisions, outstanding
+
+
+def _fold_counters(state: EmberState, obs: Observation, now: int) -> EmberState:
+    """Step 1: the counters' growth since the last tick, added at `now` to the windows and the
+    profile. arrivals_total 1200 -> 1290 since the last tick: 90 arrivals at `now`."""
+    b = state.counters
+    arrivals = Counters.delta(obs.arrivals_total, b.arrivals if b else None)
+    warm = Counters.delta(obs.warm_total, b.warm if b else None)
+    cold = Counters.delta(obs.cold_total, b.cold if b else None)
+    return replace(
+        state,
+        arrivals=state.arrivals.add(now, arrivals) if arrivals else state.arrivals,
+        warm=state.warm.add(now, warm) if warm else state.warm,
+        cold=state.cold.add(now, cold) if cold else state.cold,
+        profile=state.profile.add(now, arrivals),
+        counters=Counters(obs.arrivals_total, obs.warm_total, obs.cold_total),
+    )
+
+
+DEFAULT_POLICY = EmberPolicy()
+
+
+def decide(
+    spec: ScalingSpec, state: EmberState, observation: Observation, now: int
+) -> tuple[EmberState, list[Decision]]:
+    """Ember's predictive policy with default tuning; see EmberPolicy for the steps."""
+    return DEFAULT_POLICY.decide(spec, state, observation, now)
+
+
+def initial_state() -> EmberState:
+    return DEFAULT_POLICY.initial_state()
