@@ -39,7 +39,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-dir", type=Path, default=None, help="worker logs (default: stderr)")
     p.add_argument("--supervisor-id", default=None, help="prefix of worker ids (default: host-pid)")
     p.add_argument("--drain-timeout-s", type=float, default=60.0)
-    p.add_argument("--max-decision-age-s", type=float, default=120.0)
+    p.add_argument(
+        "--max-decision-age-s",
+        type=float,
+        default=15.0,
+        help="older decisions are stale: not replayed at start, refused (default: 15)",
+    )
     p.add_argument("--max-restarts", type=int, default=3, help="per partition, in the window")
     p.add_argument("--restart-window-s", type=float, default=300.0)
     p.add_argument("--restart-backoff-s", type=float, default=1.0, help="doubles per restart")

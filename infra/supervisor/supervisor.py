@@ -6,10 +6,12 @@
 All choices are made in infra.supervisor.plan; this module only reads, calls and carries out.
 
 Decisions: `ember.decisions` is read without a consumer group (all partitions assigned), from
-the decisions of the last `max_decision_age_s` on, so a supervisor that restarts acts on
-recent decisions and ignores old ones. Run one supervisor per set of models: decisions for a
-model outside the catalog are ignored, so supervisors with disjoint catalogs can share the
-topic. A decision that cannot be decoded goes to dead letters; nothing stops the loop.
+the decisions of the last `max_decision_age_s` (15 s) on: a supervisor restarted within that
+blip still acts on what was decided meanwhile, and older decisions (deltas against a fleet
+that no longer exists) are refused as stale; the autoscaler sees the fleet on lifecycle and
+decides again. Run one supervisor per set of models: decisions for a model outside the
+catalog are ignored, so supervisors with disjoint catalogs can share the topic. A decision
+that cannot be decoded goes to dead letters; nothing stops the loop.
 
 Lifecycle: a worker that exits non-zero (or is killed) may not have said so; the supervisor
 publishes `failed` for it on `ember.lifecycle` and `ember.workers` so placement re-sends its
@@ -105,7 +107,7 @@ class SupervisorConfig:
     worker: WorkerOptions = WorkerOptions()
     restart: RestartPolicy = RestartPolicy()
     drain_timeout_s: float = 60.0
-    max_decision_age_s: float = 120.0
+    max_decision_age_s: float = 15.0
     supervisor_id: str = field(default_factory=default_supervisor_id)
     tick_s: float = 0.2
 
