@@ -128,6 +128,7 @@ class EmberPolicy:
         self, spec: ScalingSpec, state: EmberState, observation: Observation, now: int
     ) -> tuple[EmberState, list[Decision]]:
         obs = observation
+        # 1. Counters into windows and the profile; what we asked for but cannot see yet.
         state = _fold_counters(state, obs, now)
         outstanding = state.outstanding.observed(obs, now, ms(spec.launch_grace_s))
         window = ms(self.window_s)
@@ -147,26 +148,17 @@ class EmberPolicy:
 
         # 4. Hit-rate trend. Last 60 s: 30 warm of 40 -> 0.75 < 0.9; the 60 s before: 0.95;
         # pending 6 > 2 a tick ago -> expand by one.
-        warm, cold = state.warm.sum(now, window), state.cold.sum(now, window)
-        warm_before, cold_before = (
-            state.warm.sum_before(now, window),
-            state.cold.sum_before(now, window),
-        )
-        hit_rate = warm / (warm + cold) if warm + cold else None
-        hit_before = (
-            warm_before / (warm_before + cold_before) if warm_before + cold_before else None
-        )
+        hit_rate, hit_before = hit_rates(state.warm, state.cold, now, window)
         queue_rising = obs.pending_total > state.last_pending
         falling = hit_rate is not None and (hit_before is None or hit_rate < hit_before)
         expand = (
             hit_rate is not None and hit_rate < self.hit_rate_target and falling and queue_rising
         )
 
+        # 5. Floor and ceiling; the pool is ready + booting + unseen launches: 2 + 1 + 0 = 3.
         target = spec.clamp(base + (1 if expand else 0))
-        stab = ms(self.stabilization_s)
-        recent = tuple((at, t) for at, t in state.recent_targets if now - at < stab) + (
-            (now, target),
-        )
+        kept = tuple(x for x in state.recent_targets if now - x[0] < ms(self.stabilization_s))
+        recent = (*kept, (now, target))
         active = outstanding.active(obs)
         inputs = rounded(
             {
@@ -254,6 +246,16 @@ class EmberPolicy:
             decisions.append(Decision.release(w.worker_id, why, inputs))
             outstanding = outstanding.released(w.worker_id, now)
         return decisions, outstanding
+
+
+def hit_rates(
+    warm: Buckets, cold: Buckets, now: int, window_ms: int
+) -> tuple[float | None, float | None]:
+    """Warm share of arrivals in the window ending now and in the window before it; None for
+    a window without arrivals. 30 warm + 10 cold now, 57 + 3 before -> (0.75, 0.95)."""
+    w, c = warm.sum(now, window_ms), cold.sum(now, window_ms)
+    wb, cb = warm.sum_before(now, window_ms), cold.sum_before(now, window_ms)
+    return (w / (w + c) if w + c else None), (wb / (wb + cb) if wb + cb else None)
 
 
 def _fold_counters(state: EmberState, obs: Observation, now: int) -> EmberState:

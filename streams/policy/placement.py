@@ -276,14 +276,20 @@ def choose_worker(spec: PlacementSpec, workers: Iterable[WorkerView]) -> WorkerV
 
     pack_below 0.5, 8 slots: A runs 3 (0.375), B runs 5 (0.625), C idle -> A. A at 4 (0.5)
     and B at 5 -> C, the least loaded of all."""
-    with_room = [w for w in workers if w.room(spec) > 0]
-    if not with_room:
-        return None
-    packing = [w for w in with_room if w.busy > 0 and w.occupancy(spec) < spec.pack_below]
-    return min(
-        packing or with_room,
-        key=lambda w: (w.occupancy(spec), w.ready_since or 0, w.worker_id),
-    )
+    best, best_key = None, None
+    for w in workers:
+        if w.state != "ready" or w.partition is None:
+            continue
+        busy, slots = w.busy, w.slots(spec)
+        if busy >= slots:
+            continue
+        occupancy = busy / slots
+        packing = busy > 0 and occupancy < spec.pack_below
+        # packing candidates first, then the least loaded, ready longest, smallest id
+        key = (not packing, occupancy, w.ready_since or 0, w.worker_id)
+        if best_key is None or key < best_key:
+            best, best_key = w, key
+    return best
 
 
 def _drain(
