@@ -207,10 +207,14 @@ class Supervisor:
         await self._carry_out(actions)
         deadline = self._clock() + self.config.drain_timeout_s + 15.0
         while self._handles and self._clock() < deadline:
-            await self._tick()
+            try:
+                await self._tick()
+            except Exception:
+                log.exception("supervisor tick failed while stopping")
             await asyncio.sleep(self.config.tick_s)
-        for worker_id in list(self._handles):  # a process that survived SIGKILL (D state?)
-            log.error("worker did not exit; giving up on it", worker_id=worker_id)
+        for worker_id, handle in self._handles.items():  # survived SIGKILL (D state?)
+            log.error("worker did not exit; killing its group once more", worker_id=worker_id)
+            self.backend.kill(handle)
         await asyncio.to_thread(self.backend.close)
         if self._consumer is not None:
             await self._consumer.stop()
@@ -228,7 +232,10 @@ class Supervisor:
             for records in batches.values():
                 for record in records:
                     await self._on_record(record)
-            await self._tick()
+            try:
+                await self._tick()
+            except Exception:  # a bug or a backend hiccup must not orphan the workers
+                log.exception("supervisor tick failed")
 
     async def _on_record(self, record: Any) -> None:
         try:
@@ -351,7 +358,7 @@ class Supervisor:
                 await self._producer.send_and_wait(
                     rec.topic, rec.value, key=rec.key, headers=rec.headers
                 )
-        except KafkaError:
+        except Exception:  # KafkaError, timeouts: the worker is gone either way
             log.exception("could not publish a failed event", worker_id=worker_id)
         log.warning("worker failed", worker_id=worker_id, model=model, reason=reason)
 
