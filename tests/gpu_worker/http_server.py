@@ -16,6 +16,7 @@ speaking HTTP/1.1 with keep-alive. Per file it counts HEADs, GETs and body bytes
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import threading
@@ -131,8 +132,8 @@ class _Handler(BaseHTTPRequestHandler):
         if ".." in name.split("/") or not path.is_file():
             self._empty(404)
             return
-        data = path.read_bytes()
-        total = len(data)
+        total = path.stat().st_size
+        first, last = 0, total - 1
         requested = self.headers.get("Range")
         if requested and not faults.ignore_range:
             match = _RANGE.fullmatch(requested)
@@ -141,28 +142,32 @@ class _Handler(BaseHTTPRequestHandler):
             if first > last:
                 self._empty(416, {"Content-Range": f"bytes */{total}"})
                 return
-            body = bytearray(data[first : last + 1])
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {first}-{last}/{total}")
         else:
-            body = bytearray(data)
             self.send_response(200)
         if not faults.ignore_range:
             self.send_header("Accept-Ranges", "bytes")
-        if faults.corrupt and body:
-            body[len(body) // 2] ^= 0xFF
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(last + 1 - first))
         self.end_headers()
         if head:
             return
+        count = last + 1 - first
+        send = count // 2 if truncate else count
+        if truncate:
+            self.close_connection = True
         if faults.delay_s:
             time.sleep(faults.delay_s)
-        if truncate:
-            body = body[: len(body) // 2]
-            self.close_connection = True
-        with shards.lock:  # counted first: the client may finish before write() returns
-            counts.bytes_sent += len(body)
-        self.wfile.write(body)
+        with shards.lock:  # counted first: the client may finish before the send returns
+            counts.bytes_sent += send
+        with open(path, "rb") as f:
+            if faults.corrupt:
+                body = bytearray(os.pread(f.fileno(), send, first))
+                if body:
+                    body[len(body) // 2] ^= 0xFF
+                self.wfile.write(body)
+            else:
+                self.request.sendfile(f, first, send)
 
     def _empty(self, status: int, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
