@@ -1,0 +1,46 @@
+"""Faust's view of Ember's wire format: raw msgpack values, no envelope.
+
+Ember's topics carry exactly what `schemas.encode` writes, so Faust must neither wrap values
+in its own envelope nor decode them behind the agents' backs. The `ember` codec therefore
+writes a `schemas.Message` as its msgpack map and passes bytes through untouched, in both
+directions: agents receive the record's bytes and decode them with `schemas.decode`, so an
+invalid record is a `SchemaError` the agent turns into a dead letter (Faust's own decode
+errors would only be logged and the record skipped).
+
+    register_codecs()                       # once, before topics are declared
+    app.topic(REQUESTS, value_type=bytes, value_serializer=MESSAGE_CODEC)
+
+Table changelogs are Faust's own business and keep Faust's `json` codec.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from faust.serializers import codecs
+
+from schemas import Message, encode
+
+MESSAGE_CODEC = "ember"
+
+
+class MessageCodec(codecs.Codec):
+    """`schemas.Message` -> its msgpack bytes; bytes -> the same bytes (both ways)."""
+
+    def _dumps(self, obj: Any) -> bytes:
+        if isinstance(obj, Message):
+            return encode(obj)
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            return bytes(obj)
+        raise TypeError(
+            f"the {MESSAGE_CODEC} codec writes schemas messages or bytes, got {type(obj).__name__}"
+        )
+
+    def _loads(self, s: bytes) -> bytes:
+        return bytes(s)
+
+
+def register_codecs() -> None:
+    """Make `MESSAGE_CODEC` known to Faust (idempotent)."""
+    if not isinstance(codecs.codecs.get(MESSAGE_CODEC), MessageCodec):
+        codecs.register(MESSAGE_CODEC, MessageCodec())
