@@ -1,0 +1,312 @@
+"""The control plane's state, as Faust tables, and the reads and writes the agents make.
+
+Every table is keyed by model (or, for requests, stored in their model's partition), so one
+placement task owns each model's rows and a restarted or rebalanced process recovers them
+from the changelogs. Tables are written inside `model_partition(model)`: in an agent that is
+the partition the event came from; in a timer, where Faust has no event to take it from,
+`writing_for(model)` names it.
+
+    table                key          value                                         fed by
+    placement            model        workers (state, slots, requests), counters    placement
+    placement-requests   request id   a pending or in-flight request, its model     placement
+    queue-depth          model        pending and in flight per latency class       tick
+    warm-pool            model        workers by state, ready and free slots        tick
+    arrivals             model        arrivals in 60 s windows hopping by 10 s      tick
+    warm-placements      model        requests placed warm, same windows            tick
+    cold-placements      model        requests placed cold, same windows            tick
+    hour-of-day          model        expected rate per hour (HourOfDayProfile)     tick
+    autoscaler           model        scaling policy state, last decision           tick
+    model-load (global)  model        queue and slots admission bounds (ModelLoad)  tick
+
+"tick" tables are fed from each tick's Observation (`placement.observe`).
+
+`PlacementStore` keeps each model's `PlacementState` in memory (the policy functions take and
+return whole states) and writes only what changed: the model's row when its workers or
+counters change, one row per request that changed (placed, queued, finished), so a step costs
+what it changed, not the size of the queue. After a restart a model's state is rebuilt from
+its rows: pending in order of (class, re-placed first, admitted_at).
+
+Durability is Faust's at-least-once: a changelog write is flushed before the offset of the
+event that made it is committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+import faust
+from faust.tables.wrappers import WindowWrapper
+
+from schemas import LATENCY_CLASSES, AdmittedRequest
+from streams.app import app, model_partition
+from streams.policy import HourOfDayProfile, ModelLoad, Observation, PlacementState
+from streams.policy.placement import InFlight
+from streams.policy.windows import hour_of_day
+
+# Hopping windows of the rate and hit-rate tables.
+WINDOW_S = 60.0
+WINDOW_STEP_S = 10.0
+WINDOW_EXPIRES = timedelta(minutes=10)
+
+_PARTITION: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "ember_table_partition", default=None
+)
+
+
+@contextlib.contextmanager
+def writing_for(model: str) -> Iterator[None]:
+    """Table writes in this block go to `model`'s partition (see the module docstring)."""
+    token = _PARTITION.set(model_partition(model))
+    try:
+        yield
+    finally:
+        _PARTITION.reset(token)
+
+
+class ModelTable(faust.Table):
+    """A table whose rows live in their model's partition, also when written by a timer."""
+
+    def partition_for_key(self, key: Any) -> int | None:
+        partition = _PARTITION.get()
+        return partition if partition is not None else super().partition_for_key(key)
+
+
+class ModelGlobalTable(faust.GlobalTable):
+    """A global table (every process reads all of it), one partition as Faust advises for
+    global tables shared by several processes."""
+
+    def partition_for_key(self, key: Any) -> int | None:
+        return 0
+
+
+def _declare(cls: type[faust.Table], name: str, help: str, **kwargs: Any) -> Any:
+    return app.tables.add(
+        cls(app, name=name, beacon=app.tables.beacon, help=help, **kwargs)  # type: ignore[arg-type]
+    )
+
+
+def _windowed(name: str, help: str) -> WindowWrapper:
+    table = _declare(ModelTable, name, help, default=int)
+    window = faust.HoppingWindow(WINDOW_S, WINDOW_STEP_S, expires=WINDOW_EXPIRES)
+    return table.using_window(window).relative_to_now()  # type: ignore[no-any-return]
+
+
+placement = _declare(ModelTable, "placement", "model -> workers and counters of placement")
+placement_requests = _declare(
+    ModelTable, "placement-requests", "request id -> pending or in-flight request"
+)
+queue_depth = _declare(ModelTable, "queue-depth", "model -> pending and in flight per class")
+warm_pool = _declare(ModelTable, "warm-pool", "model -> workers by state, slots")
+arrivals = _windowed("arrivals", "model -> requests arrived, 60 s windows hopping by 10 s")
+warm_placements = _windowed("warm-placements", "model -> requests placed warm, 60 s windows")
+cold_placements = _windowed("cold-placements", "model -> requests placed cold, 60 s windows")
+hourly = _declare(ModelTable, "hour-of-day", "model -> expected request rate per hour")
+autoscaler = _declare(ModelTable, "autoscaler", "model -> scaling policy state, last decision")
+model_load = _declare(
+    ModelGlobalTable,
+    "model-load",
+    "model -> queue and slots, for admission",
+    partitions=1,
+    recovery_buffer_size=1,
+)
+
+
+# --- placement state ---------------------------------------------------------------------
+
+PENDING, IN_FLIGHT = "pending", "in_flight"
+
+
+def _head_row(state: PlacementState) -> dict[str, Any]:
+    """The model's row: PlacementState without its requests."""
+    return {
+        "model": state.model,
+        "workers": {w: v.to_dict() for w, v in state.workers.items()},
+        "arrivals_total": state.arrivals_total,
+        "warm_total": state.warm_total,
+        "cold_total": state.cold_total,
+        "completed_total": state.completed_total,
+        "mean_service_ms": state.mean_service_ms,
+        "last_tick_at": state.last_tick_at,
+    }
+
+
+def _request_row(model: str, status: str, request: AdmittedRequest, seen: bool) -> dict[str, Any]:
+    return {"model": model, "status": status, "seen": seen, "request": request.to_map()}
+
+
+def _head_changed(old: PlacementState, new: PlacementState) -> bool:
+    return (
+        old.workers is not new.workers
+        or old.arrivals_total != new.arrivals_total
+        or old.completed_total != new.completed_total
+        or old.last_tick_at != new.last_tick_at
+        or old.mean_service_ms != new.mean_service_ms
+    )
+
+
+class PlacementStore:
+    """Each model's PlacementState: in memory while this process owns the model, in the
+    `placement` and `placement-requests` tables for recovery."""
+
+    def __init__(self, head: Any = placement, requests: Any = placement_requests) -> None:
+        self._head = head
+        self._requests = requests
+        self._states: dict[str, PlacementState] = {}
+
+    def get(self, model: str) -> PlacementState:
+        state = self._states.get(model)
+        if state is None:
+            state = self._states[model] = self._load(model)
+        return state
+
+    def cached(self) -> Mapping[str, PlacementState]:
+        return self._states
+
+    def forget(self) -> None:
+        """Drop the in-memory states (partitions moved: reload from the tables)."""
+        self._states.clear()
+
+    def put(self, old: PlacementState, new: PlacementState) -> None:
+        """Remember `new` and write what differs from `old`. Call inside the model's partition
+        (an event of the model, or `writing_for(model)`)."""
+        model = new.model
+        self._states[model] = new
+        if _head_changed(old, new):
+            self._head[model] = _head_row(new)
+        requests = self._requests
+        for rid, flight in new.in_flight.items():
+            if old.in_flight.get(rid) is not flight:
+                requests[rid] = _request_row(model, IN_FLIGHT, flight.request, flight.seen)
+        gone = set(old.in_flight.keys() - new.in_flight.keys())
+        queued: set[str] | None = None
+        for cls in LATENCY_CLASSES:
+            before, after = old.queued(cls), new.queued(cls)
+            if before is after:
+                continue
+            before_ids = {r.request_id for r in before}
+            after_ids = {r.request_id for r in after}
+            for request in after:
+                if request.request_id not in before_ids:
+                    requests[request.request_id] = _request_row(model, PENDING, request, False)
+            gone |= before_ids - after_ids
+        for rid in gone:
+            if rid in new.in_flight:
+                continue
+            if queued is None:
+                queued = {r.request_id for q in new.pending.values() for r in q}
+            if rid not in queued and rid in requests:
+                del requests[rid]
+
+    def _load(self, model: str) -> PlacementState:
+        row = self._head.get(model)
+        state = (
+            PlacementState(model)
+            if row is None
+            else PlacementState.from_dict({**row, "pending": {}, "in_flight": {}})
+        )
+        pending: dict[str, list[AdmittedRequest]] = {c: [] for c in LATENCY_CLASSES}
+        in_flight: dict[str, InFlight] = {}
+        for rid, item in list(self._requests.items()):
+            if not isinstance(item, dict) or item.get("model") != model:
+                continue
+            request = AdmittedRequest.from_map(item["request"])
+            if item["status"] == IN_FLIGHT:
+                in_flight[rid] = InFlight(request, bool(item.get("seen")))
+            else:
+                pending.setdefault(request.latency_class, []).append(request)
+        for queue in pending.values():
+            queue.sort(key=lambda r: (-r.attempt, r.admitted_at))
+        return replace(
+            state,
+            pending={c: tuple(q) for c, q in pending.items() if q},
+            in_flight=in_flight,
+        )
+
+
+# --- tables fed from each tick's observation ----------------------------------------------
+
+
+def in_flight_by_class(state: PlacementState) -> dict[str, int]:
+    counts = dict.fromkeys(LATENCY_CLASSES, 0)
+    for flight in state.in_flight.values():
+        counts[flight.request.latency_class] = counts.get(flight.request.latency_class, 0) + 1
+    return counts
+
+
+class ObservationRecorder:
+    """Writes a model's observation into the metric tables once per tick. Counters become
+    window increments by difference with the previous tick (the first tick of a process is
+    the baseline)."""
+
+    def __init__(self) -> None:
+        self._previous: dict[str, tuple[int, int, int]] = {}
+
+    def record(self, state: PlacementState, obs: Observation, now: int) -> None:
+        """Call inside `writing_for(obs.model)`."""
+        model = obs.model
+        depth = {"pending": dict(obs.pending), "in_flight": in_flight_by_class(state)}
+        if _without_at(queue_depth.get(model)) != depth:
+            queue_depth[model] = {**depth, "at": now}
+        pool = {
+            "by_state": obs.workers_by_state(),
+            "ready_slots": obs.ready_slots,
+            "free_slots": obs.free_slots,
+        }
+        if _without_at(warm_pool.get(model)) != pool:
+            warm_pool[model] = {**pool, "at": now}
+
+        counters = (obs.arrivals_total, obs.warm_total, obs.cold_total)
+        before = self._previous.get(model, counters)
+        self._previous[model] = counters
+        new_arrivals, new_warm, new_cold = (max(a - b, 0) for a, b in zip(counters, before))
+        if new_arrivals:
+            arrivals[model] += new_arrivals
+        if new_warm:
+            warm_placements[model] += new_warm
+        if new_cold:
+            cold_placements[model] += new_cold
+        row = hourly.get(model)
+        profile = HourOfDayProfile() if row is None else HourOfDayProfile.from_dict(row)
+        hourly[model] = profile.add(now, new_arrivals).to_dict()
+
+        load = ModelLoad.from_observation(obs).to_dict()
+        if _without_at(model_load.get(model)) != load:
+            model_load[model] = {**load, "at": now}
+
+
+def _without_at(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return None if row is None else {k: v for k, v in row.items() if k != "at"}
+
+
+def window_sum(table: WindowWrapper, model: str, now_s: float) -> int:
+    """The count of the full trailing window (the earliest of the hopping windows holding
+    `now_s`): with 60 s windows every 10 s, at 125 s the window [70, 130)."""
+    rng = table.table.window.earliest(now_s)
+    return int(table.table.data.get((model, rng), 0) or 0)
+
+
+def trailing_rate(model: str, now_s: float) -> float:
+    """Arrivals per second over the trailing window (the covered part of it)."""
+    rng = arrivals.table.window.earliest(now_s)
+    covered = max(min(now_s - rng[0], WINDOW_S), WINDOW_STEP_S)
+    return window_sum(arrivals, model, now_s) / covered
+
+
+def hit_rate(model: str, now_s: float) -> float | None:
+    """Warm placements / all placements over the trailing window; None without any."""
+    warm = window_sum(warm_placements, model, now_s)
+    cold = window_sum(cold_placements, model, now_s)
+    return warm / (warm + cold) if warm + cold else None
+
+
+def expected_rate(model: str, now: int) -> float | None:
+    """The hour-of-day profile's expected rate for the current hour; None until learned."""
+    row = hourly.get(model)
+    if row is None:
+        return None
+    return HourOfDayProfile.from_dict(row).expected_rate(hour_of_day(now))
