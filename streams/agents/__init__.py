@@ -1,0 +1,10 @@
+"""The agents and the timer of the streams app; importing this package registers them.
+
+    admission    ember.requests (+ the deferred topic) -> ember.admitted | rejected chunk
+    placement    ember.admitted + ember.lifecycle -> ember.model.<m>, partition of a worker
+    autoscaler   timer: placement tick, metric tables, scaling policy -> ember.decisions
+"""
+
+from streams.agents import admission, autoscaler, placement
+
+__all__ = ["admission", "autoscaler", "placement"]

@@ -1,0 +1,157 @@
+"""Placement: `ember.admitted` + `ember.lifecycle` -> a worker's partition of `ember.model.<m>`.
+
+Both topics are keyed by model and co-partitioned, so one agent task reads, in order, every
+request and every worker event of the models of its partitions, and owns their
+PlacementState (streams.tables.PlacementStore). Each record goes through the pure placement
+policy (`streams.policy.placement`); the agent writes the new state back and sends what the
+step says:
+
+- each Placement: the AdmittedRequest (worker_id, warm, placed_at set by `placed_on`) to the
+  worker's own partition of the model topic, keyed by request id. Workers are *assigned*
+  their partition (no consumer group on the request path), so a worker joining or leaving
+  never pauses the others' intake;
+- a request abandoned after its last attempt, or expired in pending: its terminal chunk
+  (`worker_failed`, `deadline_exceeded`) on its reply topic;
+- a worker that went silent (missed heartbeats, start timeout): a `release` decision on
+  `ember.decisions` (policy `placement`), so the supervisor stops what may still run.
+
+Time passing (dead workers, deadlines) is the timer's: `Placer.tick`, called by
+streams.agents.control for each model this process owns.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+
+import faust
+
+from infra.logs import get_logger
+from schemas import (
+    AdmittedRequest,
+    LifecycleEvent,
+    ScaleDecision,
+    TokenChunk,
+    decode,
+)
+from schemas.topics import LIFECYCLE, model_topic_name
+from streams.agents.outbox import Consumed, Out, count, now_ms, out, safely, send_all
+from streams.app import SETTINGS, app, placement_topic
+from streams.policy import PlacementSpec, PlacementState, PlacementStep
+from streams.policy.placement import failure_chunk, on_admitted, on_lifecycle, tick
+from streams.tables import PlacementStore, writing_for
+
+log = get_logger(__name__)
+
+
+class Placer:
+    """Runs the placement policy for the models of this process and turns steps into Outs."""
+
+    def __init__(self, specs: Mapping[str, PlacementSpec], store: PlacementStore) -> None:
+        self.specs = specs
+        self.store = store
+
+    def on_record(self, record: Consumed, now: int) -> list[Out]:
+        if record.topic == LIFECYCLE:
+            event = decode(LifecycleEvent, record.value, record.headers)
+            spec = self.specs.get(event.model)
+            if spec is None:  # a worker of a model this deployment does not place
+                count("ember_lifecycle_ignored_total")
+                return []
+            return self._apply(spec, lambda state: on_lifecycle(spec, state, event, now), now)
+        request = decode(AdmittedRequest, record.value, record.headers)
+        spec = self.specs.get(request.model)
+        if spec is None:
+            return [out(_unknown_model(request, now), request.request.reply_topic)]
+        return self._apply(spec, lambda state: on_admitted(spec, state, request, now), now)
+
+    def tick(self, model: str, now: int) -> tuple[PlacementState, list[Out]]:
+        """Time passing for one model; the state after it, and what to send."""
+        spec = self.specs[model]
+        outs = self._apply(spec, lambda state: tick(spec, state, now), now)
+        return self.store.get(model), outs
+
+    def _apply(
+        self, spec: PlacementSpec, change: Callable[[PlacementState], PlacementStep], now: int
+    ) -> list[Out]:
+        model = spec.model
+        with writing_for(model):
+            old = self.store.get(model)
+            step = change(old)
+            self.store.put(old, step.state)
+        return self._outs(spec, step, now)
+
+    def _outs(self, spec: PlacementSpec, step: PlacementStep, now: int) -> list[Out]:
+        model = spec.model
+        topic = model_topic_name(model)
+        outs = [out(p.request, topic, p.partition) for p in step.placements]
+        for r in step.reassignments:
+            log.warning(
+                "request of a lost worker",
+                request_id=r.request.request_id,
+                model=model,
+                worker_id=r.from_worker,
+                outcome=r.outcome,
+                reason=r.reason,
+            )
+            if r.outcome == "abandoned":
+                chunk = failure_chunk(r.request, "worker_failed", r.reason, now)
+                outs.append(out(chunk, r.request.request.reply_topic))
+        for request in step.expired:
+            why = "deadline_at passed while waiting for a worker"
+            chunk = failure_chunk(request, "deadline_exceeded", why, now)
+            outs.append(out(chunk, request.request.reply_topic))
+        for gone in step.gone:
+            log.warning("worker gone", model=model, worker_id=gone.worker_id, cause=gone.cause,
+                        detail=gone.detail)
+            if gone.cause in ("missed_heartbeats", "start_timeout"):
+                outs.append(out(_stop(model, gone.worker_id, gone.detail, now)))
+        if step.placements:
+            count("ember_placements_total", len(step.placements), model=model)
+        return outs
+
+
+def _unknown_model(request: AdmittedRequest, now: int) -> TokenChunk:
+    return TokenChunk(
+        request_id=request.request_id,
+        seq=0,
+        finish_reason="rejected",
+        error_code="unknown_model",
+        error_message=f"model {request.model[:80]!r} is not placed by this control plane",
+        submitted_at=request.request.submitted_at,
+        emitted_at=now,
+    )
+
+
+def _stop(model: str, worker_id: str, detail: str, now: int) -> ScaleDecision:
+    return ScaleDecision(
+        model=model,
+        action="release",
+        count=1,
+        worker_id=worker_id,
+        reason=f"placement lost worker {worker_id}: {detail}"[:1024],
+        inputs={},
+        policy="placement",
+        decided_at=now,
+        decision_id=uuid.uuid4().hex,
+    )
+
+
+PLACER = Placer({m: s.placement for m, s in SETTINGS.model_specs().items()}, PlacementStore())
+
+
+@app.agent(placement_topic, name="placement")
+async def placement(stream: faust.StreamT[bytes]) -> None:
+    async for event in stream.events():
+        record = Consumed.of(event)
+        await send_all(safely("placement", record, PLACER.on_record, now_ms()))
+
+
+@app.on_partitions_revoked.connect
+async def _forget_on_revoke(app: faust.App, revoked: set[faust.types.TP], **kwargs: object) -> None:
+    PLACER.store.forget()
+
+
+@app.on_rebalance_complete.connect
+async def _forget_on_rebalance(app: faust.App, **kwargs: object) -> None:
+    PLACER.store.forget()
