@@ -21,6 +21,7 @@ reason, plus a `rejected` chunk when a reply topic can be read from them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -148,17 +149,20 @@ def import_runtime() -> None:
 
 
 def load_engine(config: WorkerConfig) -> Any:
-    """Model, tokenizer and engine from a Hugging Face checkpoint directory (blocking)."""
-    import torch
+    """Model, tokenizer and engine from a packed artifact (`ember pack`: snapshot restore and
+    streamed weights) or a Hugging Face checkpoint directory (blocking). The engine's
+    `cold_start_spans` are the load's own spans (weights GB/s among their attrs)."""
+    from gpu_worker.loader import load_runtime
 
-    from gpu_worker.engine import Engine
-    from gpu_worker.tokenizer import Tokenizer
-    from gpu_worker.weights import load_model
-
-    dtype = getattr(torch, config.dtype) if config.dtype else None
-    model = load_model(config.model_dir, dtype=dtype, device=config.device)
-    tokenizer = Tokenizer.from_dir(config.model_dir)
-    return Engine(model, tokenizer, max_batch=config.max_batch, max_seq_len=config.max_seq_len)
+    runtime = load_runtime(
+        config.model_dir,
+        device=config.device,
+        max_batch=config.max_batch,
+        max_seq_len=config.max_seq_len,
+        dtype=config.dtype,
+    )
+    runtime.engine.cold_start_spans = runtime.spans.spans
+    return runtime.engine
 
 
 class Worker:
@@ -212,6 +216,10 @@ class Worker:
             t0, w0 = now_ms(), time.perf_counter()
             self.engine = await asyncio.to_thread(self._engine_factory, self.config)
             await self._span("weights_load", t0, now_ms(), (time.perf_counter() - w0) * 1e3)
+            for span in getattr(self.engine, "cold_start_spans", ()):
+                await self._span(
+                    span.name, span.start_unix_ms, span.end_unix_ms, span.duration_ms, span.attrs
+                )
             await self._set_state("warming")
             t0, w0 = now_ms(), time.perf_counter()
             await asyncio.to_thread(self.engine.warm_up)
@@ -228,9 +236,13 @@ class Worker:
             await self._set_state("stopped", reason="drained")
             return 0
         except Exception as exc:
+            # No terminal chunks for what is in flight and no commit: those requests are not
+            # the failure's cause (a request's own failure ends it with an `error` chunk in
+            # the engine). Placement re-places them and the partition's next worker re-reads
+            # them; a terminal chunk now would make clients drop the re-run (PROTOCOL §6.2).
             log.exception("worker failed", worker_id=self.config.worker_id)
-            await self._fail_in_flight(f"worker failed: {type(exc).__name__}")
-            await self._set_state("failed", reason=f"{type(exc).__name__}: {exc}"[:500])
+            with contextlib.suppress(Exception):
+                await self._set_state("failed", reason=f"{type(exc).__name__}: {exc}"[:500])
             return 1
         finally:
             if self._consumer is not None:
@@ -426,18 +438,6 @@ class Worker:
         await (await self._send(chunk, live.request.reply_topic))
         log.info("request answered without generation", request_id=out.request_id, code=code)
 
-    async def _fail_in_flight(self, message: str) -> None:
-        for request_id, live in list(self._in_flight.items()):
-            chunk = self._batcher.finish(request_id, "error")
-            try:
-                ack = await self._send_chunk(chunk, "internal_error", message)
-                await ack
-                self._tracker.done(live.offset)
-            except Exception:
-                log.exception("could not send the error chunk", request_id=request_id)
-        self._in_flight.clear()
-        await self._commit()
-
     async def _dead_letter(self, record: Any, exc: SchemaError) -> None:
         at = now_ms()
         letter = dead_letter_for(
@@ -505,13 +505,16 @@ class Worker:
         await (await self._send(event, WORKERS))
         log.info("worker state", state=state, previous=previous, reason=reason)
 
-    async def _span(self, name: str, start: int, end: int, duration_ms: float) -> None:
+    async def _span(
+        self, name: str, start: int, end: int, duration_ms: float, attrs: Any = None
+    ) -> None:
         event = self._event(
             "span",
             span_name=name,
             span_start_at=start,
             span_end_at=max(end, start),
             span_duration_ms=max(duration_ms, float(end - start), 0.0),
+            attrs=dict(attrs or {}),
         )
         await self._send(event, LIFECYCLE)
         log.info("span", span=name, duration_ms=round(event.span_duration_ms or 0.0, 1))

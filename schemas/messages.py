@@ -93,6 +93,7 @@ ERROR_CODES: dict[str, str] = {
     "prompt_too_long": "prompt plus max_tokens exceed the model's context",
     "deadline_exceeded": "the request could not finish (or start) before its deadline_at",
     "overloaded": "the model's queue for this latency class is past its bound",
+    "rate_limited": "the tenant sent more than its rate limit allows; retry later",
     "worker_failed": "the worker serving the request died and the request ran out of attempts",
     "internal_error": "a bug; error_message says where",
 }
