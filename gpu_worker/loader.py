@@ -39,6 +39,7 @@ Tokenizer.from_dir, the slower path), recording spans (gpu_worker.spans) as it g
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 import os
 import queue
@@ -87,6 +88,7 @@ __all__ = [
     "fetch_artifact",
     "is_packed_artifact",
     "load_runtime",
+    "make_arena",
     "open_artifact",
     "plan_stream",
     "run_blocks",
@@ -508,8 +510,10 @@ class WeightStream:
         workers: int | None = None,
         ring_buffers: int | None = None,
         spans: SpanRecorder | None = None,
+        arena: Tensor | None = None,
     ) -> None:
         self.artifact = artifact
+        self.arena = arena
         self.device = torch.device(device)
         self.verify = verify
         self.workers = workers or min(4, os.cpu_count() or 1)
@@ -591,15 +595,24 @@ class WeightStream:
                 )
             if hasattr(os, "posix_fadvise"):  # sequential: bigger kernel readahead
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        self.slabs = [
-            torch.empty(n, dtype=torch.uint8, device=self.device) for n in plan.shard_bytes
-        ]
+        self.slabs = self._slabs(plan)
         if self.device.type == "cuda":
             self._ring = [
                 torch.empty(plan.block_bytes, dtype=torch.uint8, pin_memory=True)
                 for _ in range(min(self.ring_buffers, max(1, len(plan.blocks))))
             ]
             self._copier = _CudaCopier(self.slabs, self._ring, self.device)
+
+    def _slabs(self, plan: LoadPlan) -> list[Tensor]:
+        if self.arena is None:
+            return [torch.empty(n, dtype=torch.uint8, device=self.device) for n in plan.shard_bytes]
+        arena = self.arena
+        if arena.dtype != torch.uint8 or arena.dim() != 1 or arena.device != self.device:
+            raise ValueError(f"the arena must be a 1-D uint8 tensor on {self.device}")
+        if arena.numel() < plan.total_bytes:
+            raise ValueError(f"the arena holds {arena.numel()} bytes, {plan.total_bytes} needed")
+        offsets = [0, *itertools.accumulate(plan.shard_bytes)]
+        return [arena[a:b] for a, b in itertools.pairwise(offsets)]
 
     def _copy(self) -> None:
         plan = self.plan
@@ -697,10 +710,13 @@ def stream_weights(
     ring_buffers: int | None = None,
     spans: SpanRecorder | None = None,
     expected: Mapping[str, tuple[int, ...]] | None = None,
+    arena: Tensor | None = None,
 ) -> LoadReport:
     """Stream a packed artifact's weights into `model` (built on the meta device) on `device`.
 
     `expected`: our name -> shape the artifact must match; default: the model's own shapes.
+    `arena`: memory to load into instead of fresh allocations (`make_arena`): a pre-started
+    process can fault it in while idle, which is most of a CPU load's cost on a VM.
     Raises CorruptShardError / TruncatedShardError / ArtifactError naming the shard and tensors.
     """
     from gpu_worker.weights import expected_shapes
@@ -710,9 +726,18 @@ def stream_weights(
     if expected is None:
         expected = expected_shapes(model)
     stream = WeightStream(
-        artifact, device, verify=verify, workers=workers, ring_buffers=ring_buffers, spans=spans
+        artifact, device, verify=verify, workers=workers, ring_buffers=ring_buffers, spans=spans,
+        arena=arena,
     )
     return stream.run(model, expected)
+
+
+def make_arena(nbytes: int, device: str | torch.device = "cpu") -> Tensor:
+    """`nbytes` of memory, touched once so a later load pays no page faults (CPU) or
+    allocator growth (CUDA). Slabs are carved from its front; tensors are views into it."""
+    arena = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    arena.fill_(0)
+    return arena
 
 
 # ---- the cold path -----------------------------------------------------------------------------
@@ -743,6 +768,7 @@ def load_runtime(
     verify: bool = True,
     workers: int | None = None,
     spans: SpanRecorder | None = None,
+    arena: Tensor | None = None,
 ) -> Runtime:
     """Model, tokenizer and engine from a packed artifact (snapshot restore + streamed weights)
     or from a plain Hugging Face checkpoint directory (the slower path). Blocking."""
@@ -768,7 +794,7 @@ def load_runtime(
         model = build_meta_model(state.config)
         report = stream_weights(
             artifact, model, device, verify=verify, workers=workers, spans=spans,
-            expected=state.shape_plan,
+            expected=state.shape_plan, arena=arena,
         )
         spans.add("weights_available", weights_start, spans.now(), **report.attrs())
         tokenizer, eos = state.tokenizer, list(state.eos_token_ids)
@@ -795,3 +821,54 @@ def load_runtime(
         )
         attrs["graph_batch_sizes"] = ",".join(map(str, engine.runner.graph_batch_sizes)) or "none"
     return Runtime(engine=engine, spans=spans, packed=packed, load=report, state=state)
+
+
+@dataclass
+class ColdStart:
+    """One cold start run to its first token: the spans and what was generated."""
+
+    runtime: Runtime
+    spans: SpanRecorder
+    first_token_ids: list[int]
+    first_text: str
+
+    @property
+    def ttft_s(self) -> float:
+        return self.spans.get("first_token").end_s
+
+
+def cold_start(
+    path: str | os.PathLike[str] | Artifact,
+    *,
+    prompt: str = "The quick brown fox",
+    device: str | torch.device = "cpu",
+    max_batch: int = 8,
+    max_seq_len: int | None = None,
+    dtype: str | None = None,
+    verify: bool = True,
+    workers: int | None = None,
+    spans: SpanRecorder | None = None,
+    arena: Tensor | None = None,
+) -> ColdStart:
+    """The worker's cold path without Kafka: `process_ready` (the origin to now: interpreter
+    and imports), load, warm-up, `runtime_ready`, then one greedy request to its first token."""
+    from gpu_worker.sampling import SamplingParams
+
+    spans = spans or SpanRecorder()
+    spans.add("process_ready", 0.0, spans.now())
+    runtime = load_runtime(
+        path, device=device, max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype,
+        verify=verify, workers=workers, spans=spans, arena=arena,
+    )
+    engine = runtime.engine
+    with spans.span("warm_up"):
+        engine.warm_up()
+    ready = spans.now()
+    spans.add("runtime_ready", 0.0, ready)
+    ids: list[int] = []
+    text = ""
+    for out in engine.generate(prompt, SamplingParams(max_tokens=1)):
+        ids += out.token_ids
+        text += out.text
+    spans.add("first_token", ready, spans.now(), ttft_from_origin_ms=round(spans.now() * 1e3, 1))
+    return ColdStart(runtime, spans, ids, text)
