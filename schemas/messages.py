@@ -376,6 +376,36 @@ class AdmittedRequest(Message):
                 yield (name, "only allowed once worker_id is set")
 
 
+@dataclass(frozen=True, slots=True, kw_only=True, repr=False)
+class Cancel(Message):
+    """A client asks Ember to stop a request it submitted. Produced on `ember.requests` keyed
+    by request_id (the request's own partition, so admission reads it after the request);
+    routed like the request (admission -> `ember.admitted` keyed by model -> placement -> the
+    serving worker's partition of `ember.model.<m>`). A client that produced its request
+    straight to a model topic partition sends the cancel to that same partition. The worker
+    stops generating and sends the terminal chunk `cancelled`; a cancel for a request that
+    already finished, or that nobody knows, is dropped (docs/PROTOCOL.md §5.3)."""
+
+    SCHEMA: ClassVar[Schema] = Schema(
+        "cancel",
+        1,
+        0,
+        (
+            Route(REQUESTS, "request_id"),
+            Route(ADMITTED, "model"),
+            Route(MODEL_TOPIC_PREFIX + "*", "request_id"),
+        ),
+    )
+
+    request_id: str = spec(ID, doc="the request to stop")
+    model: str = spec(MODEL, doc="the request's model: routes the cancel like the request")
+    reply_topic: str = spec(
+        REPLY_TOPIC, default=REPLIES, doc="the request's reply topic (for a `cancelled` chunk)"
+    )
+    cancelled_at: int = spec(TIMESTAMP, doc="unix ms when the client asked")
+    reason: str | None = spec(REASON, default=None, doc="why, for logs, e.g. `client timeout`")
+
+
 # --- replies -----------------------------------------------------------------------------
 
 
@@ -583,5 +613,13 @@ class DeadLetter(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.SCHEMA.name: cls
-    for cls in (Request, AdmittedRequest, TokenChunk, LifecycleEvent, ScaleDecision, DeadLetter)
+    for cls in (
+        Request,
+        AdmittedRequest,
+        Cancel,
+        TokenChunk,
+        LifecycleEvent,
+        ScaleDecision,
+        DeadLetter,
+    )
 }

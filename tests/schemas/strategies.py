@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from schemas import (
     AdmittedRequest,
+    Cancel,
     DeadLetter,
     FieldProblem,
     LifecycleEvent,
@@ -191,6 +192,11 @@ def scale_decisions(draw: st.DrawFn) -> ScaleDecision:
 
 
 @st.composite
+def cancels(draw: st.DrawFn) -> Cancel:
+    return Cancel(**draw(fields_of(Cancel)))
+
+
+@st.composite
 def dead_letters(draw: st.DrawFn) -> DeadLetter:
     return DeadLetter(**draw(fields_of(DeadLetter)))
 
@@ -198,6 +204,7 @@ def dead_letters(draw: st.DrawFn) -> DeadLetter:
 STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
     Request: requests(),
     AdmittedRequest: admitted_requests(),
+    Cancel: cancels(),
     TokenChunk: token_chunks(),
     LifecycleEvent: lifecycle_events(),
     ScaleDecision: scale_decisions(),
