@@ -107,7 +107,7 @@ def rejected_outs(
     count("ember_dead_letters_total", component=component, reason=letter.reason)
     log.warning(
         "dead-lettered a record",
-        component=component,
+        agent=component,
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
@@ -157,15 +157,18 @@ async def send_all(outs: Iterable[Out]) -> None:
 
 def safely(component: str, record: Consumed, step: Any, *args: Any) -> list[Out]:
     """`step(record, *args)`, or, when it raises, the record's dead letter: a bad record
-    never stops an agent."""
+    never stops an agent. A SchemaError is the record's fault (logged as a warning); any
+    other exception is ours (logged with its traceback)."""
     try:
         result: list[Out] = step(record, *args)
         return result
+    except SchemaError as exc:
+        error: Exception = exc
     except Exception as exc:  # a bug or a record no check foresaw: keep the agent alive
-        log.exception("step failed", component=component, topic=record.topic,
-                      offset=record.offset)
-        try:
-            return rejected_outs(record, exc, component, now_ms())
-        except Exception:
-            log.exception("could not dead-letter the record", component=component)
-            return []
+        log.exception("step failed", agent=component, topic=record.topic, offset=record.offset)
+        error = exc
+    try:
+        return rejected_outs(record, error, component, now_ms())
+    except Exception:
+        log.exception("could not dead-letter a record", agent=component, topic=record.topic)
+        return []
