@@ -1,0 +1,267 @@
+"""Placement and autoscaler agents: records in, records out, state kept in (and rebuilt from)
+its table rows. Tables are plain dicts here; the placement agent runs in Faust's test context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from schemas import (
+    AdmittedRequest,
+    LifecycleEvent,
+    Request,
+    ScaleDecision,
+    TokenChunk,
+    decode,
+    encode,
+    record_for,
+)
+from schemas.topics import ADMITTED, DECISIONS, LIFECYCLE, model_topic_name
+from streams.agents import placement as placement_module
+from streams.agents.autoscaler import Autoscaler
+from streams.agents.outbox import Consumed, Out
+from streams.agents.placement import Placer, placement
+from streams.app import model_partition
+from streams.policy import (
+    AlwaysOnPolicy,
+    EmberPolicy,
+    Observation,
+    PlacementSpec,
+    ScalingSpec,
+    WorkerSnapshot,
+)
+from streams.tables import IN_FLIGHT, PENDING, PlacementStore
+
+MODEL = "tiny"
+TOPIC = model_topic_name(MODEL)
+T0 = 1_764_403_200_000
+
+
+def admitted(rid: str, cls: str = "interactive", at: int = T0) -> AdmittedRequest:
+    req = Request(request_id=rid, model=MODEL, submitted_at=at, prompt="hi", latency_class=cls)
+    return AdmittedRequest(
+        request=req, latency_class=cls, prompt_tokens=1, prompt_bucket=16, admitted_at=at
+    )
+
+
+def ready(
+    worker: str, partition: int, at: int, slots: int = 2, busy: tuple[str, ...] = ()
+) -> list[LifecycleEvent]:
+    common: dict[str, Any] = {"worker_id": worker, "model": MODEL, "partition": partition}
+    return [
+        LifecycleEvent(**common, kind="state", state="ready", previous_state="warming", at=at),
+        LifecycleEvent(**common, kind="heartbeat", state="ready", at=at + 1,
+                       free_slots=slots - len(busy), total_slots=slots, queued_tokens=0,
+                       in_flight=busy),
+    ]
+
+
+def consumed(msg: Any, topic: str, offset: int = 0) -> Consumed:
+    rec = record_for(msg, topic)
+    return Consumed(topic, model_partition(MODEL), offset, rec.key, rec.value, rec.headers)
+
+
+class Tables:
+    """The `placement` and `placement-requests` tables, as dicts."""
+
+    def __init__(self) -> None:
+        self.head: dict[str, Any] = {}
+        self.requests: dict[str, Any] = {}
+
+    def placer(self, **spec: Any) -> Placer:
+        specs = {MODEL: PlacementSpec(MODEL, **spec)}
+        return Placer(specs, PlacementStore(self.head, self.requests))
+
+
+@pytest.fixture
+def tables() -> Tables:
+    return Tables()
+
+
+def feed(placer: Placer, *msgs: Any, at: int = T0) -> list[Out]:
+    outs: list[Out] = []
+    for msg in msgs:
+        topic = LIFECYCLE if isinstance(msg, LifecycleEvent) else ADMITTED
+        outs += placer.on_record(consumed(msg, topic), at)
+    return outs
+
+
+def placed(outs: list[Out]) -> list[tuple[int | None, AdmittedRequest]]:
+    return [(o.partition, decode(AdmittedRequest, o.value)) for o in outs if o.topic == TOPIC]
+
+
+def test_a_request_goes_to_the_ready_workers_partition_warm(tables: Tables) -> None:
+    placer = tables.placer()
+    assert feed(placer, *ready("w-1", 5, T0)) == []
+    outs = feed(placer, admitted("r-1"), at=T0 + 10)
+    [(partition, request)] = placed(outs)
+    assert partition == 5
+    assert (request.worker_id, request.warm, request.placed_at) == ("w-1", True, T0 + 10)
+    assert outs[0].key == b"r-1"
+    assert tables.requests["r-1"]["status"] == IN_FLIGHT
+    assert tables.head[MODEL]["workers"]["w-1"]["assigned"] == ["r-1"]
+
+
+def test_without_a_worker_it_waits_then_drains_cold(tables: Tables) -> None:
+    placer = tables.placer()
+    assert feed(placer, admitted("r-1"), admitted("r-2", "batch")) == []
+    assert {r: row["status"] for r, row in tables.requests.items()} == {
+        "r-1": PENDING, "r-2": PENDING
+    }
+    outs = feed(placer, *ready("w-1", 2, T0 + 100), at=T0 + 100)
+    assert [(p, r.request_id, r.warm) for p, r in placed(outs)] == [
+        (2, "r-1", False), (2, "r-2", False)
+    ]
+    assert all(row["status"] == IN_FLIGHT for row in tables.requests.values())
+
+
+def test_a_redelivered_request_is_placed_once(tables: Tables) -> None:
+    placer = tables.placer()
+    feed(placer, *ready("w-1", 0, T0))
+    assert len(placed(feed(placer, admitted("r-1"), admitted("r-1")))) == 1
+
+
+def test_state_is_rebuilt_from_the_rows_after_a_restart(tables: Tables) -> None:
+    placer = tables.placer()
+    feed(placer, *ready("w-1", 0, T0, slots=1))
+    feed(placer, admitted("r-1"), admitted("r-2"), admitted("r-3", "batch", T0 + 1),
+         admitted("r-4", "batch", T0 + 2))
+    before = placer.store.get(MODEL)
+
+    restarted = tables.placer()
+    after = restarted.store.get(MODEL)
+    assert after.workers == before.workers
+    assert after.in_flight.keys() == before.in_flight.keys() == {"r-1"}
+    assert [r.request_id for r in after.queued("interactive")] == ["r-2"]
+    assert [r.request_id for r in after.queued("batch")] == ["r-3", "r-4"]
+    assert (after.arrivals_total, after.warm_total, after.cold_total) == (4, 1, 3)
+
+
+def test_finished_requests_leave_the_table(tables: Tables) -> None:
+    placer = tables.placer()
+    feed(placer, *ready("w-1", 0, T0), admitted("r-1"))
+    assert "r-1" in tables.requests
+    feed(placer, *ready("w-1", 0, T0 + 1000, busy=("r-1",)), at=T0 + 1000)  # seen running
+    feed(placer, *ready("w-1", 0, T0 + 2000), at=T0 + 2000)  # no longer listed: done
+    assert tables.requests == {}
+    assert tables.head[MODEL]["completed_total"] == 1
+
+
+def test_a_silent_workers_requests_move_and_it_is_released(tables: Tables) -> None:
+    placer = tables.placer(dead_after_s=5.0)
+    feed(placer, *ready("w-1", 1, T0), admitted("r-1"))
+    feed(placer, *ready("w-2", 2, T0 + 4000), at=T0 + 4000)
+    state, outs = placer.tick(MODEL, T0 + 6000)
+    [(partition, request)] = placed(outs)
+    assert (partition, request.worker_id, request.attempt) == (2, "w-2", 2)
+    assert request.previous_workers == ("w-1",)
+    [release] = [decode(ScaleDecision, o.value) for o in outs if o.topic == DECISIONS]
+    assert (release.action, release.worker_id, release.policy) == ("release", "w-1", "placement")
+    assert "w-1" not in state.workers
+
+
+def test_a_request_out_of_attempts_fails_on_its_reply_topic(tables: Tables) -> None:
+    placer = tables.placer(dead_after_s=5.0, max_attempts=1)
+    feed(placer, *ready("w-1", 1, T0), admitted("r-1"))
+    _, outs = placer.tick(MODEL, T0 + 6000)
+    [chunk] = [decode(TokenChunk, o.value) for o in outs if o.topic == "ember.replies"]
+    assert (chunk.request_id, chunk.finish_reason, chunk.error_code) == (
+        "r-1", "error", "worker_failed"
+    )
+    assert tables.requests == {}
+
+
+def test_other_models_workers_are_ignored_and_their_requests_refused(tables: Tables) -> None:
+    placer = tables.placer()
+    stranger = LifecycleEvent(worker_id="x", model="other", kind="state", state="ready", at=T0)
+    assert placer.on_record(consumed(stranger, LIFECYCLE), T0) == []
+    req = Request(request_id="r-9", model="other", submitted_at=T0, prompt="hi")
+    other = AdmittedRequest(request=req, latency_class="interactive", prompt_tokens=1,
+                            prompt_bucket=16, admitted_at=T0)
+    [out] = placer.on_record(consumed(other, ADMITTED), T0)
+    assert decode(TokenChunk, out.value).error_code == "unknown_model"
+
+
+@pytest.fixture
+def agent_outs(monkeypatch: pytest.MonkeyPatch, tables: Tables) -> Iterator[list[Out]]:
+    monkeypatch.setattr(placement_module, "PLACER", tables.placer())
+    outs: list[Out] = []
+
+    async def capture(records: Any) -> None:
+        outs.extend(records)
+
+    monkeypatch.setattr(placement_module, "send_all", capture)
+    yield outs
+
+
+async def test_the_placement_agent_reads_both_topics(agent_outs: list[Out]) -> None:
+    async with placement.test_context() as agent:
+        topic_of = {}
+        # one channel carries two topics; the test wrapper names one per record
+        agent._get_strtopic = lambda channel: topic_of["next"]
+        for msg, topic in [*((e, LIFECYCLE) for e in ready("w-1", 3, T0)),
+                           (admitted("r-1"), ADMITTED)]:
+            topic_of["next"] = topic
+            rec = record_for(msg, topic)
+            await agent.put(value=rec.value, key=rec.key, partition=model_partition(MODEL))
+        topic_of["next"] = ADMITTED
+        await agent.put(value=b"\x00", key=MODEL.encode())
+    placement_out, letter = agent_outs
+    assert (placement_out.topic, placement_out.partition) == (TOPIC, 3)
+    assert decode(AdmittedRequest, placement_out.value).warm is True
+    assert letter.topic == "ember.deadletters"
+
+
+# --- autoscaler -----------------------------------------------------------------------------
+
+
+def observation(at: int, pending: int = 0, ready_ids: tuple[str, ...] = ()) -> Observation:
+    workers = tuple(WorkerSnapshot(w, "ready", 0, 8, T0) for w in ready_ids)
+    return Observation(MODEL, at, workers, {"interactive": pending}, arrivals_total=pending)
+
+
+def test_decisions_carry_reason_inputs_and_are_keyed_by_model() -> None:
+    table: dict[str, Any] = {}
+    scaler = Autoscaler(EmberPolicy(), {MODEL: ScalingSpec(MODEL)}, hold_every_s=30, table=table)
+    [out] = scaler.decide(observation(T0, pending=3), T0)
+    decision = decode(ScaleDecision, out.value)
+    assert (out.topic, out.key) == (DECISIONS, MODEL.encode())
+    assert (decision.action, decision.count, decision.policy) == ("scale_up", 1, "ember_predictive")
+    assert decision.inputs["pending_interactive"] == 3 and decision.reason
+    assert decision.decision_id
+    assert table[MODEL]["last"]["action"] == "scale_up"
+    assert table[MODEL]["state"]["outstanding"]["unseen_launches"] == 1
+
+
+def test_holds_are_published_on_change_and_then_every_so_often() -> None:
+    table: dict[str, Any] = {}
+    policy = AlwaysOnPolicy(workers=1)
+    scaler = Autoscaler(policy, {MODEL: ScalingSpec(MODEL)}, hold_every_s=30, table=table)
+    ticks = [scaler.decide(observation(T0 + s * 1000, ready_ids=("w-1",)), T0 + s * 1000)
+             for s in (0, 1, 29, 30, 31)]
+    assert [len(t) for t in ticks] == [1, 0, 0, 1, 0]
+    assert table[MODEL]["policy"] == "always_on"
+    assert table[MODEL]["last"]["action"] == "hold"
+
+
+def test_a_changed_policy_starts_from_its_initial_state() -> None:
+    table: dict[str, Any] = {MODEL: {"policy": "knative_reactive", "state": {"bogus": 1}}}
+    scaler = Autoscaler(AlwaysOnPolicy(workers=2), {MODEL: ScalingSpec(MODEL)}, 30, table=table)
+    [out] = scaler.decide(observation(T0), T0)
+    assert decode(ScaleDecision, out.value).count == 2
+
+
+def test_model_partition_is_kafkas_default_partitioner() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    for model in ("tiny", "Qwen/Qwen2.5-7B-Instruct", "m" * 200):
+        expected = DefaultPartitioner()(model.encode(), [0, 1, 2, 3], [0, 1, 2, 3])
+        assert model_partition(model) == expected
+
+
+def test_encode_round_trip_sanity() -> None:
+    msg = admitted("r-1")
+    assert decode(AdmittedRequest, encode(msg)) == msg
