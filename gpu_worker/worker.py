@@ -39,6 +39,7 @@ from infra.logs import get_logger
 from infra.settings import KafkaSettings
 from schemas import (
     AdmittedRequest,
+    Cancel,
     LifecycleEvent,
     Message,
     Request,
@@ -84,15 +85,20 @@ def replay_seed(request_id: str) -> int:
     return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") >> 1
 
 
-def decode_work(value: bytes | None, headers: Any) -> AdmittedRequest | Request:
-    """A record of a model topic: an admitted request (placed by the control plane) or, for
-    producers that bypass admission, a plain request. The `ember-schema` header says which;
-    without one, a map with a `request` field is an admitted request."""
+def decode_work(value: bytes | None, headers: Any) -> AdmittedRequest | Request | Cancel:
+    """A record of a model topic: an admitted request (placed by the control plane), a plain
+    request (producers that bypass admission) or a cancel of one of them. The `ember-schema`
+    header says which; without one, a map with a `request` field is an admitted request and
+    one with `cancelled_at` a cancel."""
     schema = parse_schema_header(headers)
     if schema is not None:
-        return decode(Request if schema.name == "request" else AdmittedRequest, value, headers)
-    if "request" in unpack_map(value, "admitted_request"):
+        kinds = {"request": Request, "cancel": Cancel}
+        return decode(kinds.get(schema.name, AdmittedRequest), value, headers)
+    fields = unpack_map(value, "admitted_request")
+    if "request" in fields:
         return decode(AdmittedRequest, value)
+    if "cancelled_at" in fields:
+        return decode(Cancel, value)
     return decode(Request, value)
 
 
@@ -299,6 +305,10 @@ class Worker:
         try:
             decode_key(record.key)
             work = decode_work(record.value, record.headers)
+            if isinstance(work, Cancel):
+                self._cancel(work)
+                self._tracker.skipped(offset)
+                return
             if isinstance(work, AdmittedRequest):
                 request, attempt, warm = work.request, work.attempt, work.warm
             else:
@@ -326,6 +336,18 @@ class Worker:
             return
         self._tracker.consumed(offset)
         self._in_flight[request.request_id] = live
+
+    def _cancel(self, cancel: Cancel) -> None:
+        """Stop a request in flight: the engine frees its slot and its next step reports it
+        `cancelled`, which `_publish` sends as the terminal chunk. A cancel of a request this
+        worker does not hold (finished, never seen, another model) is dropped."""
+        live = self._in_flight.get(cancel.request_id)
+        stopped = (
+            live is not None
+            and cancel.model == self.config.model
+            and self.engine.cancel(cancel.request_id)
+        )
+        log.info("cancel", request_id=cancel.request_id, stopped=stopped, reason=cancel.reason)
 
     def _precheck(self, request: Request) -> tuple[str, str, str] | None:
         if request.model != self.config.model:
