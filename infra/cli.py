@@ -17,6 +17,7 @@ from infra.logs import configure_logging
 COMMAND_MODULES = (
     "infra.commands",
     "infra.demo",
+    "infra.generate",
     "infra.supervisor.commands",
     "gpu_worker.commands",
     "streams.commands",
