@@ -238,7 +238,9 @@ class Timeouts:
             candidates.append((submitted + self.total_s, "total"))
         return min(candidates, default=None)
 
-    def expired(self, submitted: float, first_chunk: float | None, now: float) -> TimeoutKind | None:
+    def expired(
+        self, submitted: float, first_chunk: float | None, now: float
+    ) -> TimeoutKind | None:
         deadline = self.next_deadline(submitted, first_chunk)
         return deadline[1] if deadline is not None and now >= deadline[0] else None
 

@@ -86,7 +86,8 @@ def test_every_ember_variable_is_documented_and_in_the_env_example():
         assert used <= documented, f"{name}: undocumented {sorted(used - documented)}"
     for name in ("compose.yaml", "compose.gpu.yaml"):
         referenced = {m[1] for m in REFERENCE.finditer((DEPLOY / name).read_text())}
-        assert referenced <= set(example), f"{name}: not in .env.example {referenced - set(example)}"
+        missing = referenced - set(example)
+        assert not missing, f"{name}: not in .env.example: {sorted(missing)}"
 
 
 def test_ember_services_share_the_kafka_settings():
