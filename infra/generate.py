@@ -132,8 +132,10 @@ async def generate(
         return _fail(str(exc))
     try:
         await client.start()
-    except (KafkaError, RuntimeError, OSError) as exc:
+    except (KafkaError, OSError) as exc:  # KafkaError is a RuntimeError: first
         return _fail(f"cannot reach Kafka at {kafka.bootstrap_servers}: {exc}")
+    except RuntimeError as exc:  # the reply topic is missing
+        return _fail(str(exc))
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from infra.logs import get_logger
 from infra.settings import KafkaSettings
@@ -83,6 +84,7 @@ TimeoutKind = Literal["first_chunk", "total"]
 
 DEADLINE_GRACE_S = 5.0  # a request with deadline_at times out this long after it
 MAX_POLL_MS = 200  # the reader checks time-outs at least this often
+METADATA_TIMEOUT_S = 10.0  # to learn the reply topic's partitions at start
 
 
 def now_ms() -> int:
@@ -572,6 +574,16 @@ class EmberClient:
         return len(self._handles)
 
     async def start(self) -> None:
+        """Connect, find the reply topic (create it if asked), start reading from its end.
+        Raises KafkaError when Kafka cannot be reached, RuntimeError when the topic is
+        missing; nothing is left open then."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         if self.create_reply_topic:
             from infra.topics import apply_topics  # the admin client: only when asked
 
@@ -592,12 +604,16 @@ class EmberClient:
             auto_offset_reset="latest",
         )
         await self._consumer.start()
-        partitions = await self._producer.partitions_for(self.reply_topic)
+        try:
+            partitions = await asyncio.wait_for(
+                self._producer.partitions_for(self.reply_topic), METADATA_TIMEOUT_S
+            )
+        except (asyncio.TimeoutError, KafkaError):
+            partitions = set()
         if not partitions:
-            await self.stop()
             raise RuntimeError(
-                f"reply topic {self.reply_topic} does not exist: run `ember topics apply`, or "
-                "create the client with create_reply_topic=True"
+                f"reply topic {self.reply_topic} does not exist on {self.kafka.bootstrap_servers}:"
+                " run `ember topics apply`, or create the client with create_reply_topic=True"
             )
         tps = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
         self._consumer.assign(tps)
