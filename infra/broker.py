@@ -28,6 +28,13 @@ Settings beyond infra/settings.py:
 |                        |                         | cluster is then refused instead of used       |
 | EMBER_BROKER_HEAP      | 512m                    | JVM -Xmx                                      |
 
+Optional SASL_SSL listener (`BrokerSettings.sasl_ssl`, off by default; set in code, e.g. by
+the security tests): a second client listener with TLS (a PEM key and certificate chain) and
+SASL/SCRAM-SHA-512, its users stored when the data dir is formatted, and optionally ACLs
+(StandardAuthorizer). The loopback PLAINTEXT listeners stay as they are, for the controller,
+inter-broker traffic and the readiness probe; with ACLs their principal (User:ANONYMOUS) is a
+super user, so that listener must stay private to the host, as it is here.
+
 External clusters: when EMBER_BOOTSTRAP_SERVERS is anything but this broker's loopback
 address, `ember broker start` says so and starts nothing (`targets_local_broker`); stop and
 status always act on the local broker only.
@@ -121,6 +128,47 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name}={raw!r}: expected a port number") from None
 
 
+SCRAM_MECHANISM = "SCRAM-SHA-512"
+STANDARD_AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+_SCRAM_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SCRAM_PASSWORD = re.compile(r"[A-Za-z0-9._~+/-]{8,128}")  # nothing the --add-scram syntax parses
+
+
+@dataclass(frozen=True)
+class SaslSslListener:
+    """A client listener with TLS and SASL/SCRAM-SHA-512 next to the PLAINTEXT one.
+
+    `keystore` is one PEM file holding the broker's private key (PKCS#8, unencrypted) and its
+    certificate chain; the certificate must name 127.0.0.1 (subjectAltName IP) for clients to
+    verify it. `scram_users` (name, password) are written into the cluster metadata when the
+    data dir is formatted (`kafka-storage format --add-scram`), so they apply to a fresh data
+    dir only (the passwords are on the format tool's command line for those seconds: a local
+    broker's concern, not a production cluster's). `acls`: deny what no ACL allows
+    (StandardAuthorizer), except for the `super_users` (SCRAM user names) and the loopback
+    PLAINTEXT listeners' User:ANONYMOUS."""
+
+    port: int
+    keystore: Path
+    scram_users: tuple[tuple[str, str], ...] = ()
+    acls: bool = False
+    super_users: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise SettingsError(f"SASL_SSL listener port {self.port}: expected 1..65535")
+        for name, password in self.scram_users:
+            if not _SCRAM_NAME.fullmatch(name):
+                raise SettingsError(f"SCRAM user name {name!r}: use [A-Za-z0-9._-], 1-64 chars")
+            if not _SCRAM_PASSWORD.fullmatch(password):
+                raise SettingsError(
+                    f"SCRAM password of {name!r}: use 8-128 characters of [A-Za-z0-9._~+/-]"
+                )
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{HOST}:{self.port}"
+
+
 @dataclass(frozen=True)
 class BrokerSettings:
     home: Path
@@ -133,6 +181,7 @@ class BrokerSettings:
     kafka_version: str = KAFKA_VERSION
     start_timeout_s: float = 60.0
     stop_timeout_s: float = 30.0
+    sasl_ssl: SaslSslListener | None = None  # None: PLAINTEXT only
 
     def __post_init__(self) -> None:
         for name, port in (
@@ -144,6 +193,11 @@ class BrokerSettings:
         if self.port == self.controller_port:
             raise SettingsError(
                 f"EMBER_BROKER_PORT and EMBER_CONTROLLER_PORT are both {self.port}: use two ports"
+            )
+        if self.sasl_ssl is not None and self.sasl_ssl.port in (self.port, self.controller_port):
+            raise SettingsError(
+                f"the SASL_SSL listener's port {self.sasl_ssl.port} is also the broker's or the "
+                "controller's: use a third port"
             )
         if not re.fullmatch(r"\d+[kKmMgG]?", self.heap):
             raise SettingsError(f"EMBER_BROKER_HEAP={self.heap!r}: expected e.g. 512m or 1g")
@@ -418,9 +472,35 @@ def server_properties(settings: BrokerSettings) -> str:
         "auto.create.topics.enable": "false",
         "num.partitions": "1",
     }
+    if settings.sasl_ssl is not None:
+        props.update(_sasl_ssl_properties(settings.sasl_ssl))
+        props["listeners"] += f",SASL_SSL://{HOST}:{settings.sasl_ssl.port}"
+        props["advertised.listeners"] += f",SASL_SSL://{HOST}:{settings.sasl_ssl.port}"
+        props["listener.security.protocol.map"] += ",SASL_SSL:SASL_SSL"
     lines = ["# Written by `ember broker start` (infra/broker.py) at every start; edits are lost."]
     lines += [f"{key}={value}" for key, value in props.items()]
     return "\n".join(lines) + "\n"
+
+
+def _sasl_ssl_properties(listener: SaslSslListener) -> dict[str, str]:
+    """The SASL_SSL listener's own settings (listener-prefixed, so PLAINTEXT is untouched)."""
+    prefix = "listener.name.sasl_ssl."
+    mechanism = SCRAM_MECHANISM.lower()
+    props = {
+        f"{prefix}ssl.keystore.type": "PEM",
+        f"{prefix}ssl.keystore.location": str(listener.keystore),
+        f"{prefix}sasl.enabled.mechanisms": SCRAM_MECHANISM,
+        # Server side of SCRAM: no credentials here, they live in the cluster metadata.
+        f"{prefix}{mechanism}.sasl.jaas.config": (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        ),
+    }
+    if listener.acls:
+        props["authorizer.class.name"] = STANDARD_AUTHORIZER
+        props["super.users"] = ";".join(
+            ["User:ANONYMOUS", *(f"User:{name}" for name in listener.super_users)]
+        )
+    return props
 
 
 def cds_archive(settings: BrokerSettings, java: Java) -> Path:
@@ -491,6 +571,8 @@ def format_storage(settings: BrokerSettings, java: Java, progress: Progress) -> 
     cds = [f"-XX:SharedArchiveFile={archive}"] if archive.is_file() else []
     tool = _java_command(java, settings, STORAGE_TOOL, cds)
     command = [*tool, "format", "-t", cluster_id, "-c", str(settings.properties_file)]
+    for name, password in settings.sasl_ssl.scram_users if settings.sasl_ssl else ():
+        command += ["--add-scram", f"{SCRAM_MECHANISM}=[name={name},password={password}]"]
     progress(f"formatting {settings.data_dir} for new cluster {cluster_id}")
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
