@@ -25,6 +25,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
+from infra.handshake import connection_problem
 from infra.logs import get_logger
 from infra.settings import KafkaSettings
 from schemas.topics import TopicSpec
@@ -275,8 +276,10 @@ async def apply_topics(
         try:
             await admin.start()
         except KafkaError as exc:
+            reason = await connection_problem(settings)  # aiokafka only logs the cause
             raise TopicsError(
-                f"cannot reach Kafka at {settings.bootstrap_servers} ({exc}): start the local "
+                reason
+                or f"cannot reach Kafka at {settings.bootstrap_servers} ({exc}): start the local "
                 "broker with `ember broker start` or set EMBER_BOOTSTRAP_SERVERS"
             ) from exc
         observed = await observe_topics(admin, [spec.name for spec in specs])
