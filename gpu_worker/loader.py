@@ -14,9 +14,16 @@
 
 The copy step is `run_blocks`, one loop for both devices, with the device part injected:
 
-  * CPU: read straight into the final memory. Each block is `preadv`'d into its place in the
-    shard's slab (the slab *is* the parameters' storage), then its checksum verified. There is
-    no staging buffer and no second copy.
+  * CPU, `cpu_mode="mmap"` (the default): each shard is mapped (MAP_PRIVATE, never written)
+    and the parameters are views into the mapping: no copy at all, the pages are the page
+    cache's own, shared by every worker on the node. Verifying a block reads it through the
+    mapping, which also maps it in; without verification pages map in at first use. On the
+    development VM faulting in fresh anonymous memory costs ~1.4 s/GB, more than the read, so
+    any copy loses to the mapping. The shard files must not be truncated in place while
+    mapped (SIGBUS): the shard cache and `ember pack` replace files, never rewrite them.
+  * CPU, `cpu_mode="read"` (or with an `arena`): read straight into the final memory. Each
+    block is `preadv`'d into its place in the shard's slab (the slab *is* the parameters'
+    storage), then its checksum verified. No staging buffer and no second copy.
   * CUDA: a ring of pinned host buffers. A worker takes a free buffer (waiting until the copy
     that last used it has finished), reads the next block into it, starts its host-to-device
     copy on a side stream, and verifies the block's checksum while the DMA runs. With W worker
@@ -41,6 +48,7 @@ from __future__ import annotations
 import enum
 import itertools
 import math
+import mmap
 import os
 import queue
 import threading
@@ -511,9 +519,13 @@ class WeightStream:
         ring_buffers: int | None = None,
         spans: SpanRecorder | None = None,
         arena: Tensor | None = None,
+        cpu_mode: str = "mmap",
     ) -> None:
+        if cpu_mode not in ("mmap", "read"):
+            raise ValueError(f"cpu_mode must be 'mmap' or 'read', got {cpu_mode!r}")
         self.artifact = artifact
         self.arena = arena
+        self.mapped = self.device_is_cpu(device) and cpu_mode == "mmap" and arena is None
         self.device = torch.device(device)
         self.verify = verify
         self.workers = workers or min(4, os.cpu_count() or 1)
@@ -563,8 +575,15 @@ class WeightStream:
                 attrs["copy_gbps"] = round(s.gbps(self._copier.busy_seconds()), 3)
             return attrs
         if name == "plan" and self.plan is not None:
-            return {"bytes": self.plan.total_bytes, "blocks": len(self.plan.blocks)}
+            return {
+                "bytes": self.plan.total_bytes,
+                "blocks": len(self.plan.blocks),
+                "mode": "cuda-ring" if self._is_cuda() else ("mmap" if self.mapped else "read"),
+            }
         return {}
+
+    def _is_cuda(self) -> bool:
+        return self.device.type == "cuda"
 
     def run(self, model: Transformer, expected: Mapping[str, tuple[int, ...]] | None) -> LoadReport:
         t0 = time.perf_counter()
@@ -595,13 +614,27 @@ class WeightStream:
                 )
             if hasattr(os, "posix_fadvise"):  # sequential: bigger kernel readahead
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        self.slabs = self._slabs(plan)
+        if self.mapped:
+            self.slabs = [self._map(fd, n) for fd, n in zip(self._fds, plan.shard_bytes)]
+        else:
+            self.slabs = self._slabs(plan)
         if self.device.type == "cuda":
             self._ring = [
                 torch.empty(plan.block_bytes, dtype=torch.uint8, pin_memory=True)
                 for _ in range(min(self.ring_buffers, max(1, len(plan.blocks))))
             ]
             self._copier = _CudaCopier(self.slabs, self._ring, self.device)
+
+    @staticmethod
+    def device_is_cpu(device: str | torch.device) -> bool:
+        return torch.device(device).type == "cpu"
+
+    @staticmethod
+    def _map(fd: int, nbytes: int) -> Tensor:
+        prot = mmap.PROT_READ | mmap.PROT_WRITE  # writable for torch; MAP_PRIVATE: never written
+        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_PRIVATE, prot=prot)
+        mapping.madvise(mmap.MADV_WILLNEED)  # start readahead now (a cold page cache)
+        return torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
 
     def _slabs(self, plan: LoadPlan) -> list[Tensor]:
         if self.arena is None:
@@ -621,7 +654,10 @@ class WeightStream:
         fds = self._fds
 
         def read(block: Block, view: memoryview) -> None:
-            _read_exact(fds[block.shard], view, block.start, files[block.shard])
+            if not mapped:  # mapped: the bytes are already there
+                _read_exact(fds[block.shard], view, block.start, files[block.shard])
+
+        mapped = self.mapped
 
         def verify(block: Block, view: memoryview) -> None:
             actual = block_digest(plan.digest, view)
@@ -711,6 +747,7 @@ def stream_weights(
     spans: SpanRecorder | None = None,
     expected: Mapping[str, tuple[int, ...]] | None = None,
     arena: Tensor | None = None,
+    cpu_mode: str = "mmap",
 ) -> LoadReport:
     """Stream a packed artifact's weights into `model` (built on the meta device) on `device`.
 
@@ -727,7 +764,7 @@ def stream_weights(
         expected = expected_shapes(model)
     stream = WeightStream(
         artifact, device, verify=verify, workers=workers, ring_buffers=ring_buffers, spans=spans,
-        arena=arena,
+        arena=arena, cpu_mode=cpu_mode,
     )
     return stream.run(model, expected)
 
@@ -792,6 +829,9 @@ def load_runtime(
             attrs["source"] = state.source
         weights_start = spans.now()
         model = build_meta_model(state.config)
+        # The Rust tokenizer parse holds the GIL: run it while the loader's threads wait in
+        # reads, checksums and copies, which release it.
+        state.tokenizer.start_parse()
         report = stream_weights(
             artifact, model, device, verify=verify, workers=workers, spans=spans,
             expected=state.shape_plan, arena=arena,

@@ -13,8 +13,9 @@ What a worker otherwise rebuilds at every start, and what the snapshot holds ins
     tokenizer.json       the exact tokenizer file the snapshot was built from
 
 Restoring reads those files; the Rust `tokenizers.Tokenizer` (needed only to *encode* prompts)
-is parsed from tokenizer.json on a background thread, so the parse overlaps weight streaming
-instead of sitting on the critical path; the first `encode` waits for it if it is not done.
+is parsed from tokenizer.json later: `start_parse()` runs it on a thread (the cold path starts
+it when weight streaming begins: the parse holds the GIL, the loader's threads mostly do not),
+and the first `encode` parses inline if nobody started it.
 
 Not in the snapshot, and why:
   * RoPE tables: `precompute_rope` is a few element-wise ops on [max_seq_len, head_dim]
@@ -202,8 +203,9 @@ class SnapshotTokenizer(Tokenizer):
     """A `Tokenizer` whose facts and byte table come from a snapshot instead of being derived.
 
     Behaves exactly like `Tokenizer.from_dir` on the same checkpoint (tests compare every
-    attribute and the ids and text they produce). The Rust tokenizer is parsed on a thread
-    when `background` is true; `encode`/`decode` wait for it.
+    attribute and the ids and text they produce). With `background` the Rust tokenizer is
+    parsed on a thread once `start_parse()` is called (or inline at first use, if never);
+    without, it is parsed in the constructor.
     """
 
     def __init__(
@@ -216,11 +218,9 @@ class SnapshotTokenizer(Tokenizer):
         background: bool = True,
     ) -> None:
         # Tokenizer.__init__ is deliberately not called: it is what the snapshot replaces.
-        if background:
-            self._parsed = _Background(
-                lambda: _parse_tokenizer(tokenizer_json, where), "tokenizer-parse"
-            )
-        else:
+        self._json, self._where = tokenizer_json, where
+        self._parsed: _Background | None = None
+        if not background:
             self._rust = _parse_tokenizer(tokenizer_json, where)
         self.eos_token_ids = frozenset(state["eos_token_ids"])
         self.bos_token_id = state["bos_token_id"]
@@ -233,18 +233,28 @@ class SnapshotTokenizer(Tokenizer):
         self._table = tuple(token_bytes) if token_bytes is not None else ()
         self._vocab_size = int(state["vocab_size"])
 
+    def start_parse(self) -> None:
+        """Parse the Rust tokenizer on a daemon thread (no-op if parsed or started)."""
+        if self.__dict__.get("_rust") is None and self._parsed is None:
+            self._parsed = _Background(
+                lambda: _parse_tokenizer(self._json, self._where), "tokenizer-parse"
+            )
+
     @property
     def _tok(self) -> tokenizers.Tokenizer:  # type: ignore[override]
         rust = self.__dict__.get("_rust")
         if rust is None:
-            rust = self._rust = self._parsed.get()
+            if self._parsed is None:
+                rust = _parse_tokenizer(self._json, self._where)
+            else:
+                rust = self._parsed.get()
+            self._rust = rust
         return rust
 
     @property
     def parse_seconds(self) -> float | None:
-        """How long the background parse took (None when it ran inline)."""
-        parsed = self.__dict__.get("_parsed")
-        return None if parsed is None else parsed.seconds
+        """How long the background parse took (None when it did not run in the background)."""
+        return None if self._parsed is None else self._parsed.seconds
 
     def wait_ready(self) -> None:
         """Block until the Rust tokenizer is parsed (raises its error, if any)."""

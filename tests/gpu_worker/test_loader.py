@@ -245,14 +245,18 @@ def test_states_and_phases(packed, tiny_dir):
         stream.run(model, None)
 
 
-def test_parameters_share_the_shard_slab(packed):
-    """No extra copy: parameters are views into the memory the bytes were read into."""
+@pytest.mark.parametrize("cpu_mode", ["mmap", "read"])
+def test_parameters_share_the_shard_slab(packed, tiny_dir, cpu_mode):
+    """No extra copy: parameters are views into the mapping or the memory read into."""
     model = _meta(packed)
-    stream = WeightStream(open_artifact(packed), "cpu")
+    stream = WeightStream(open_artifact(packed), "cpu", cpu_mode=cpu_mode)
     stream.run(model, expected_shapes(model))
     slab_ptrs = {s.untyped_storage().data_ptr() for s in stream.slabs}
     for p in model.parameters():
         assert p.untyped_storage().data_ptr() in slab_ptrs
+    ref = load_model(tiny_dir).state_dict()
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, ref[name]), name
 
 
 def test_arena_is_used_when_given(packed):
@@ -264,7 +268,8 @@ def test_arena_is_used_when_given(packed):
         stream_weights(packed, _meta(packed), "cpu", arena=make_arena(10))
 
 
-def test_corrupt_shard_is_named_with_its_tensors(damaged):
+@pytest.mark.parametrize("cpu_mode", ["mmap", "read"])
+def test_corrupt_shard_is_named_with_its_tensors(damaged, cpu_mode):
     index = read_index(damaged)
     target = index.tensors[3]  # inside a layer, not the first block
     path = damaged / index.shards[target.shard].file
@@ -272,7 +277,7 @@ def test_corrupt_shard_is_named_with_its_tensors(damaged):
     data[target.offset + 5] ^= 0x40
     path.write_bytes(bytes(data))
     model = _meta(damaged)
-    stream = WeightStream(open_artifact(damaged), "cpu")
+    stream = WeightStream(open_artifact(damaged), "cpu", cpu_mode=cpu_mode)
     with pytest.raises(CorruptShardError) as err:
         stream.run(model, None)
     message = str(err.value)
@@ -305,7 +310,7 @@ def test_truncated_and_missing_shards(damaged):
 def test_short_read_mid_stream_is_a_truncation(damaged):
     """A shard that shrinks after the size check (a concurrent truncation) still fails cleanly."""
     artifact = open_artifact(damaged)
-    stream = WeightStream(artifact, "cpu")
+    stream = WeightStream(artifact, "cpu", cpu_mode="read")  # a mapped file would SIGBUS
     model = _meta(damaged)
     stream._step("plan", LoadState.NEW, LoadState.PLANNED, lambda: stream._plan(None))
     stream._step("allocate", LoadState.PLANNED, LoadState.ALLOCATED, stream._allocate)

@@ -43,6 +43,8 @@ def packed(tiny_dir, tmp_path_factory):
 @pytest.mark.parametrize("background", [True, False])
 def test_restored_tokenizer_equals_rebuilt(packed, tiny_dir, background):
     restored = restore_snapshot(packed, background_tokenizer=background).tokenizer
+    if background:
+        restored.start_parse()
     rebuilt = Tokenizer.from_dir(tiny_dir)
     assert isinstance(restored, SnapshotTokenizer)
     assert tokenizer_state(restored) == tokenizer_state(rebuilt)
@@ -100,6 +102,10 @@ def test_a_bad_tokenizer_file_surfaces_at_first_use(packed, tmp_path):
 
     shutil.copytree(packed / SNAPSHOT_DIR, tmp_path / SNAPSHOT_DIR)
     (tmp_path / SNAPSHOT_DIR / "tokenizer.json").write_text('{"not": "a tokenizer"}')
-    state = restore_snapshot(tmp_path)  # the parse runs in the background
+    state = restore_snapshot(tmp_path)  # the parse is deferred
+    state.tokenizer.start_parse()
     with pytest.raises(SnapshotError, match="tokenizer.json"):
         state.tokenizer.encode("hi")
+    lazy = restore_snapshot(tmp_path).tokenizer  # never started: parsed at first use
+    with pytest.raises(SnapshotError, match="tokenizer.json"):
+        lazy.encode("hi")
