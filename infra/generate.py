@@ -133,7 +133,10 @@ async def generate(
     try:
         await client.start()
     except (KafkaError, OSError) as exc:  # KafkaError is a RuntimeError: first
-        return _fail(f"cannot reach Kafka at {kafka.bootstrap_servers}: {exc}")
+        from infra.handshake import connection_problem  # names the setting to fix
+
+        reason = await connection_problem(kafka)
+        return _fail(reason or f"cannot reach Kafka at {kafka.bootstrap_servers}: {exc}")
     except RuntimeError as exc:  # the reply topic is missing
         return _fail(str(exc))
     loop = asyncio.get_running_loop()
