@@ -21,6 +21,7 @@ reason, plus a `rejected` chunk when a reply topic can be read from them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -241,9 +242,13 @@ class Worker:
             await self._set_state("stopped", reason="drained")
             return 0
         except Exception as exc:
+            # No terminal chunks for what is in flight and no commit: those requests are not
+            # the failure's cause (a request's own failure ends it with an `error` chunk in
+            # the engine). Placement re-places them and the partition's next worker re-reads
+            # them; a terminal chunk now would make clients drop the re-run (PROTOCOL §6.2).
             log.exception("worker failed", worker_id=self.config.worker_id)
-            await self._fail_in_flight(f"worker failed: {type(exc).__name__}")
-            await self._set_state("failed", reason=f"{type(exc).__name__}: {exc}"[:500])
+            with contextlib.suppress(Exception):
+                await self._set_state("failed", reason=f"{type(exc).__name__}: {exc}"[:500])
             return 1
         finally:
             if self._consumer is not None:
@@ -454,18 +459,6 @@ class Worker:
         chunk = self._chunk(live, out, error_code=code, error_message=message[:500])
         await (await self._send(chunk, live.request.reply_topic))
         log.info("request answered without generation", request_id=out.request_id, code=code)
-
-    async def _fail_in_flight(self, message: str) -> None:
-        for request_id, live in list(self._in_flight.items()):
-            chunk = self._batcher.finish(request_id, "error")
-            try:
-                ack = await self._send_chunk(chunk, "internal_error", message)
-                await ack
-                self._tracker.done(live.offset)
-            except Exception:
-                log.exception("could not send the error chunk", request_id=request_id)
-        self._in_flight.clear()
-        await self._commit()
 
     async def _dead_letter(self, record: Any, exc: SchemaError) -> None:
         at = now_ms()
