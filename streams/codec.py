@@ -10,18 +10,22 @@ errors would only be logged and the record skipped).
     register_codecs()                       # once, before topics are declared
     app.topic(REQUESTS, value_type=bytes, value_serializer=MESSAGE_CODEC)
 
-Table changelogs are Faust's own business and keep Faust's `json` codec.
+Table changelogs are Faust's own business: most keep Faust's `json` codec; rows that hold
+messages use `MAP_CODEC`, plain maps as msgpack, so a message can sit in a row as the bytes
+it already travels as (`{"request": <msgpack bin>}`) instead of being re-encoded as JSON.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgpack  # type: ignore[import-untyped]
 from faust.serializers import codecs
 
 from schemas import Message, encode
 
 MESSAGE_CODEC = "ember"
+MAP_CODEC = "ember_map"
 
 
 class MessageCodec(codecs.Codec):
@@ -40,7 +44,20 @@ class MessageCodec(codecs.Codec):
         return bytes(s)
 
 
+class MapCodec(codecs.Codec):
+    """Plain maps (str keys; lists, numbers, text, bytes, nil) <-> msgpack."""
+
+    def _dumps(self, obj: Any) -> bytes:
+        data: bytes = msgpack.packb(obj, use_bin_type=True)
+        return data
+
+    def _loads(self, s: bytes) -> Any:
+        return msgpack.unpackb(s, raw=False)
+
+
 def register_codecs() -> None:
-    """Make `MESSAGE_CODEC` known to Faust (idempotent)."""
+    """Make `MESSAGE_CODEC` and `MAP_CODEC` known to Faust (idempotent)."""
     if not isinstance(codecs.codecs.get(MESSAGE_CODEC), MessageCodec):
         codecs.register(MESSAGE_CODEC, MessageCodec())
+    if not isinstance(codecs.codecs.get(MAP_CODEC), MapCodec):
+        codecs.register(MAP_CODEC, MapCodec())
