@@ -42,8 +42,9 @@ from typing import Any
 import faust
 from faust.tables.wrappers import WindowWrapper
 
-from schemas import LATENCY_CLASSES, AdmittedRequest
+from schemas import LATENCY_CLASSES, AdmittedRequest, decode, encode
 from streams.app import app, model_partition
+from streams.codec import MAP_CODEC
 from streams.policy import HourOfDayProfile, ModelLoad, Observation, PlacementState
 from streams.policy.placement import InFlight
 from streams.policy.windows import hour_of_day
@@ -69,7 +70,13 @@ def writing_for(model: str) -> Iterator[None]:
 
 
 class ModelTable(faust.Table):
-    """A table whose rows live in their model's partition, also when written by a timer."""
+    """A table whose rows live in their model's partition, also when written by a timer.
+    `value_serializer` picks the changelog codec (Faust's json by default)."""
+
+    def __init__(self, *args: Any, value_serializer: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if value_serializer is not None:
+            self.value_serializer = value_serializer
 
     def partition_for_key(self, key: Any) -> int | None:
         partition = _PARTITION.get()
@@ -98,7 +105,10 @@ def _windowed(name: str, help: str) -> WindowWrapper:
 
 placement = _declare(ModelTable, "placement", "model -> workers and counters of placement")
 placement_requests = _declare(
-    ModelTable, "placement-requests", "request id -> pending or in-flight request"
+    ModelTable,
+    "placement-requests",
+    "request id -> pending or in-flight request",
+    value_serializer=MAP_CODEC,
 )
 queue_depth = _declare(ModelTable, "queue-depth", "model -> pending and in flight per class")
 warm_pool = _declare(ModelTable, "warm-pool", "model -> workers by state, slots")
@@ -122,10 +132,14 @@ PENDING, IN_FLIGHT = "pending", "in_flight"
 
 
 def _head_row(state: PlacementState) -> dict[str, Any]:
-    """The model's row: PlacementState without its requests."""
+    """The model's row: PlacementState without its requests. A worker's `assigned` ids are
+    left out (the in-flight request rows name their worker) and so are the ids of its latest
+    heartbeat (the next heartbeat, within a second, brings them back), so the row stays a few
+    hundred bytes per worker however many requests are in flight."""
+    bare = {"assigned": frozenset(), "reported": frozenset()}
     return {
         "model": state.model,
-        "workers": {w: v.to_dict() for w, v in state.workers.items()},
+        "workers": {w: replace(v, **bare).to_dict() for w, v in state.workers.items()},
         "arrivals_total": state.arrivals_total,
         "warm_total": state.warm_total,
         "cold_total": state.cold_total,
@@ -135,8 +149,25 @@ def _head_row(state: PlacementState) -> dict[str, Any]:
     }
 
 
-def _request_row(model: str, status: str, request: AdmittedRequest, seen: bool) -> dict[str, Any]:
-    return {"model": model, "status": status, "seen": seen, "request": request.to_map()}
+def _request_row(model: str, status: str, request: bytes, seen: bool) -> dict[str, Any]:
+    """A request's row: its model, where it is, and the request as its msgpack bytes."""
+    return {"model": model, "status": status, "seen": seen, "request": request}
+
+
+def _registration(view: Any) -> tuple[Any, ...]:
+    return (view.state, view.partition, view.node, view.total_slots, view.ready_since)
+
+
+def _workers_moved(old: PlacementState, new: PlacementState) -> bool:
+    """A worker came, went, or changed state, partition or slots (not just its load)."""
+    if old.workers is new.workers:
+        return False
+    if old.workers.keys() != new.workers.keys():
+        return True
+    return any(
+        view is not old.workers[w] and _registration(view) != _registration(old.workers[w])
+        for w, view in new.workers.items()
+    )
 
 
 def _head_changed(old: PlacementState, new: PlacementState) -> bool:
@@ -151,12 +182,20 @@ def _head_changed(old: PlacementState, new: PlacementState) -> bool:
 
 class PlacementStore:
     """Each model's PlacementState: in memory while this process owns the model, in the
-    `placement` and `placement-requests` tables for recovery."""
+    `placement` and `placement-requests` tables for recovery.
+
+    A request's row is written whenever the request changes (queued, placed, re-placed) and
+    deleted when it finishes; that a heartbeat listed it (`seen`) is not worth a write: after
+    a restart the next heartbeats show it again. The model's row is written at once when a worker comes,
+    goes or changes state; changes of load and counters alone (every placement) are written
+    by `flush`, once per tick: after a crash the workers are right, their requests come
+    back from the request rows, and the counters may miss the last tick's arrivals."""
 
     def __init__(self, head: Any = placement, requests: Any = placement_requests) -> None:
         self._head = head
         self._requests = requests
         self._states: dict[str, PlacementState] = {}
+        self._dirty: set[str] = set()
 
     def get(self, model: str) -> PlacementState:
         state = self._states.get(model)
@@ -170,18 +209,27 @@ class PlacementStore:
     def forget(self) -> None:
         """Drop the in-memory states (partitions moved: reload from the tables)."""
         self._states.clear()
+        self._dirty.clear()
 
-    def put(self, old: PlacementState, new: PlacementState) -> None:
+    def put(
+        self, old: PlacementState, new: PlacementState, encoded: Mapping[str, bytes] = {}
+    ) -> None:
         """Remember `new` and write what differs from `old`. Call inside the model's partition
-        (an event of the model, or `writing_for(model)`)."""
+        (an event of the model, or `writing_for(model)`). `encoded`: request id -> the msgpack
+        of that request as it is in `new`, where the caller has it already."""
         model = new.model
         self._states[model] = new
-        if _head_changed(old, new):
+        if _workers_moved(old, new):
             self._head[model] = _head_row(new)
+            self._dirty.discard(model)
+        elif _head_changed(old, new):
+            self._dirty.add(model)
         requests = self._requests
         for rid, flight in new.in_flight.items():
-            if old.in_flight.get(rid) is not flight:
-                requests[rid] = _request_row(model, IN_FLIGHT, flight.request, flight.seen)
+            before = old.in_flight.get(rid)
+            if before is not flight and (before is None or before.request is not flight.request):
+                value = encoded.get(rid) or encode(flight.request)
+                requests[rid] = _request_row(model, IN_FLIGHT, value, flight.seen)
         gone = set(old.in_flight.keys() - new.in_flight.keys())
         queued: set[str] | None = None
         for cls in LATENCY_CLASSES:
@@ -191,8 +239,10 @@ class PlacementStore:
             before_ids = {r.request_id for r in before}
             after_ids = {r.request_id for r in after}
             for request in after:
-                if request.request_id not in before_ids:
-                    requests[request.request_id] = _request_row(model, PENDING, request, False)
+                rid = request.request_id
+                if rid not in before_ids:
+                    value = encoded.get(rid) or encode(request)
+                    requests[rid] = _request_row(model, PENDING, value, False)
             gone |= before_ids - after_ids
         for rid in gone:
             if rid in new.in_flight:
@@ -201,6 +251,12 @@ class PlacementStore:
                 queued = {r.request_id for q in new.pending.values() for r in q}
             if rid not in queued and rid in requests:
                 del requests[rid]
+
+    def flush(self, model: str) -> None:
+        """Write the model's row if only load or counters changed since it was written."""
+        if model in self._dirty and model in self._states:
+            self._head[model] = _head_row(self._states[model])
+            self._dirty.discard(model)
 
     def _load(self, model: str) -> PlacementState:
         row = self._head.get(model)
@@ -214,15 +270,23 @@ class PlacementStore:
         for rid, item in list(self._requests.items()):
             if not isinstance(item, dict) or item.get("model") != model:
                 continue
-            request = AdmittedRequest.from_map(item["request"])
+            request = decode(AdmittedRequest, item["request"])
             if item["status"] == IN_FLIGHT:
                 in_flight[rid] = InFlight(request, bool(item.get("seen")))
             else:
                 pending.setdefault(request.latency_class, []).append(request)
         for queue in pending.values():
             queue.sort(key=lambda r: (-r.attempt, r.admitted_at))
+        assigned: dict[str, set[str]] = {}
+        for rid, flight in in_flight.items():
+            assigned.setdefault(flight.request.worker_id or "", set()).add(rid)
+        workers = {
+            w: replace(view, assigned=frozenset(assigned.get(w, ())))
+            for w, view in state.workers.items()
+        }
         return replace(
             state,
+            workers=workers,
             pending={c: tuple(q) for c, q in pending.items() if q},
             in_flight=in_flight,
         )
