@@ -30,7 +30,7 @@ import faust
 
 from infra.logs import get_logger
 from schemas import Request, decode, decode_key
-from streams.agents.outbox import Consumed, Out, count, now_ms, out, safely, send_all
+from streams.agents.outbox import MEMO, Consumed, Out, count, now_ms, out, safely, send_all
 from streams.app import RETRY_AT_HEADER, SETTINGS, app, deferred_topic, requests_topic
 from streams.policy import AdmissionSpec, AdmissionState, ModelLoad, admit
 from streams.tables import model_load
@@ -87,7 +87,9 @@ class Admission:
               code=result.error_code or "")
         if result.outcome == "admit":
             assert result.admitted is not None
-            return [out(result.admitted)]
+            admitted = out(result.admitted)
+            MEMO.remember(admitted.value, result.admitted)
+            return [admitted]
         if result.outcome == "reject":
             log.info(
                 "request rejected",

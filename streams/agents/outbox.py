@@ -12,10 +12,9 @@ counters that /metrics exposes.
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import faust
@@ -30,7 +29,6 @@ from schemas import (
     reply_route,
 )
 from streams.app import app
-from streams.codec import MESSAGE_CODEC
 
 log = get_logger(__name__)
 
@@ -62,6 +60,30 @@ def out(msg: Message, topic: str | None = None, partition: int | None = None) ->
     """`msg` as a record of `topic` (default: its own), keyed as schemas says."""
     rec = record_for(msg, topic)
     return Out(rec.topic, rec.key, rec.value, tuple(rec.headers), partition)
+
+
+class DecodeMemo:
+    """Messages this process encoded and expects to read back: admission's AdmittedRequests
+    come back to placement through `ember.admitted`, in the same process when it owns the
+    model. Decoding is a pure function of the bytes, so placement takes the message it finds
+    here for the very same bytes instead of decoding and validating them a second time. At
+    most `size` entries, oldest dropped first (records placed by another process are never
+    taken here)."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self.size = size
+        self._items: OrderedDict[bytes, Message] = OrderedDict()
+
+    def remember(self, value: bytes, msg: Message) -> None:
+        self._items[value] = msg
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def take(self, value: bytes | None) -> Message | None:
+        return None if value is None else self._items.pop(value, None)
+
+
+MEMO = DecodeMemo()
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,25 +156,20 @@ def rejected_outs(
     return outs
 
 
-@lru_cache(maxsize=4096)
-def _topic(name: str) -> faust.TopicT:
-    return app.topic(
-        name,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer=MESSAGE_CODEC,
-        internal=False,
-    )
-
-
 async def send_all(outs: Iterable[Out]) -> None:
-    """Hand every record to the producer, in order. Returns once they are queued (Faust
-    flushes the producer before it commits the offsets of the events that made them)."""
+    """Hand every record to the app's producer, in order; returns once they are queued.
+    Faust flushes this producer before it commits the offsets of the events that made them
+    (at-least-once). Straight to the producer rather than through `Topic.send`: our values
+    are bytes already, and Faust's channel machinery costs more than the send itself."""
+    producer = app.producer
     for o in outs:
-        await _topic(o.topic).send(
-            key=o.key, value=o.value, headers=list(o.headers), partition=o.partition
-        )
+        sent = await producer.send(o.topic, o.key, o.value, o.partition, None, list(o.headers))
+        sent.add_done_callback(_log_failure)  # type: ignore[attr-defined]
+
+
+def _log_failure(sent: Any) -> None:
+    if not sent.cancelled() and sent.exception() is not None:
+        log.error("a record could not be produced", error=repr(sent.exception())[:300])
 
 
 def safely(component: str, record: Consumed, step: Any, *args: Any) -> list[Out]:

@@ -33,9 +33,12 @@ from schemas import (
     ScaleDecision,
     TokenChunk,
     decode,
+    encode,
+    headers_for,
+    key_for,
 )
 from schemas.topics import LIFECYCLE, model_topic_name
-from streams.agents.outbox import Consumed, Out, count, now_ms, out, safely, send_all
+from streams.agents.outbox import MEMO, Consumed, Out, count, now_ms, out, safely, send_all
 from streams.app import SETTINGS, app, placement_topic
 from streams.policy import PlacementSpec, PlacementState, PlacementStep
 from streams.policy.placement import failure_chunk, on_admitted, on_lifecycle, tick
@@ -59,32 +62,62 @@ class Placer:
                 count("ember_lifecycle_ignored_total")
                 return []
             return self._apply(spec, lambda state: on_lifecycle(spec, state, event, now), now)
-        request = decode(AdmittedRequest, record.value, record.headers)
+        remembered = MEMO.take(record.value)
+        if isinstance(remembered, AdmittedRequest):
+            request = remembered
+        else:
+            request = decode(AdmittedRequest, record.value, record.headers)
         spec = self.specs.get(request.model)
         if spec is None:
             return [out(_unknown_model(request, now), request.request.reply_topic)]
-        return self._apply(spec, lambda state: on_admitted(spec, state, request, now), now)
+        as_received = {request.request_id: bytes(record.value or b"")}
+        return self._apply(
+            spec, lambda state: on_admitted(spec, state, request, now), now, as_received
+        )
 
     def tick(self, model: str, now: int) -> tuple[PlacementState, list[Out]]:
-        """Time passing for one model; the state after it, and what to send."""
+        """Time passing for one model; the state after it, and what to send. Also writes the
+        model's row if only its load changed since the last tick."""
         spec = self.specs[model]
         outs = self._apply(spec, lambda state: tick(spec, state, now), now)
+        with writing_for(model):
+            self.store.flush(model)
         return self.store.get(model), outs
 
     def _apply(
-        self, spec: PlacementSpec, change: Callable[[PlacementState], PlacementStep], now: int
+        self,
+        spec: PlacementSpec,
+        change: Callable[[PlacementState], PlacementStep],
+        now: int,
+        encoded: Mapping[str, bytes] | None = None,
     ) -> list[Out]:
+        """Run one policy function on the model's state, store the result, say what to send.
+        Each placed request is encoded once, for its record and its table row."""
         model = spec.model
         with writing_for(model):
             old = self.store.get(model)
             step = change(old)
-            self.store.put(old, step.state)
-        return self._outs(spec, step, now)
+            known = dict(encoded or {})
+            for p in step.placements:
+                known[p.request.request_id] = encode(p.request)
+            self.store.put(old, step.state, known)
+        return self._outs(spec, step, now, known)
 
-    def _outs(self, spec: PlacementSpec, step: PlacementStep, now: int) -> list[Out]:
+    def _outs(
+        self, spec: PlacementSpec, step: PlacementStep, now: int, encoded: Mapping[str, bytes]
+    ) -> list[Out]:
         model = spec.model
         topic = model_topic_name(model)
-        outs = [out(p.request, topic, p.partition) for p in step.placements]
+        outs = [
+            Out(
+                topic,
+                key_for(p.request, topic),
+                encoded[p.request.request_id],
+                tuple(headers_for(p.request)),
+                p.partition,
+            )
+            for p in step.placements
+        ]
         for r in step.reassignments:
             log.warning(
                 "request of a lost worker",
