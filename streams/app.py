@@ -284,6 +284,10 @@ app = faust.App(
     key_serializer="raw",
     value_serializer=MESSAGE_CODEC,
     producer_acks=-1,
+    # aiokafka keeps one produce request in flight per broker and makes a send wait while its
+    # partition's batch is full: 16 KiB batches (the default) cap a busy partition at a few
+    # dozen records per round trip. Placement packs a model's requests onto few partitions.
+    producer_max_batch_size=512 * 1024,
     web_enabled=SETTINGS.web_port > 0,
     web_bind=SETTINGS.web_host,
     web_host=SETTINGS.web_host,
