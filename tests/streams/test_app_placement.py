@@ -101,8 +101,10 @@ def test_a_request_goes_to_the_ready_workers_partition_warm(tables: Tables) -> N
     assert partition == 5
     assert (request.worker_id, request.warm, request.placed_at) == ("w-1", True, T0 + 10)
     assert outs[0].key == b"r-1"
-    assert tables.requests["r-1"]["status"] == IN_FLIGHT
-    assert tables.head[MODEL]["workers"]["w-1"]["assigned"] == ["r-1"]
+    row = tables.requests["r-1"]
+    assert (row["status"], row["model"]) == (IN_FLIGHT, MODEL)
+    assert row["request"] == outs[0].value  # the bytes sent, also kept for recovery
+    assert tables.head[MODEL]["workers"]["w-1"]["state"] == "ready"
 
 
 def test_without_a_worker_it_waits_then_drains_cold(tables: Tables) -> None:
@@ -118,6 +120,35 @@ def test_without_a_worker_it_waits_then_drains_cold(tables: Tables) -> None:
     assert all(row["status"] == IN_FLIGHT for row in tables.requests.values())
 
 
+def test_a_worker_joining_is_written_at_once_load_changes_on_the_tick(tables: Tables) -> None:
+    placer = tables.placer()
+    feed(placer, *ready("w-1", 4, T0))
+    assert tables.head[MODEL]["workers"]["w-1"]["partition"] == 4
+    feed(placer, admitted("r-1"))
+    assert tables.head[MODEL]["arrivals_total"] == 0
+    placer.tick(MODEL, T0 + 100)
+    assert tables.head[MODEL]["arrivals_total"] == 1
+
+
+def test_admissions_own_messages_are_not_decoded_again(
+    tables: Tables, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streams.agents.outbox import MEMO
+
+    placer = tables.placer()
+    feed(placer, *ready("w-1", 0, T0))
+    req = admitted("r-1")
+    record = consumed(req, ADMITTED)
+    MEMO.remember(record.value, req)
+    monkeypatch.setattr(placement_module, "decode", _no_decode)
+    [(partition, placed_req)] = placed(placer.on_record(record, T0))
+    assert placed_req.request == req.request
+
+
+def _no_decode(*args: Any) -> Any:
+    raise AssertionError("decoded although admission had the message")
+
+
 def test_a_redelivered_request_is_placed_once(tables: Tables) -> None:
     placer = tables.placer()
     feed(placer, *ready("w-1", 0, T0))
@@ -130,10 +161,11 @@ def test_state_is_rebuilt_from_the_rows_after_a_restart(tables: Tables) -> None:
     feed(placer, admitted("r-1"), admitted("r-2"), admitted("r-3", "batch", T0 + 1),
          admitted("r-4", "batch", T0 + 2))
     before = placer.store.get(MODEL)
+    placer.store.flush(MODEL)  # the tick writes counters; workers were written at once
 
     restarted = tables.placer()
     after = restarted.store.get(MODEL)
-    assert after.workers == before.workers
+    assert after.workers == before.workers  # `assigned` rebuilt from the in-flight rows
     assert after.in_flight.keys() == before.in_flight.keys() == {"r-1"}
     assert [r.request_id for r in after.queued("interactive")] == ["r-2"]
     assert [r.request_id for r in after.queued("batch")] == ["r-3", "r-4"]
@@ -147,6 +179,8 @@ def test_finished_requests_leave_the_table(tables: Tables) -> None:
     feed(placer, *ready("w-1", 0, T0 + 1000, busy=("r-1",)), at=T0 + 1000)  # seen running
     feed(placer, *ready("w-1", 0, T0 + 2000), at=T0 + 2000)  # no longer listed: done
     assert tables.requests == {}
+    assert tables.head[MODEL]["completed_total"] == 0  # load and counters: on the tick
+    placer.tick(MODEL, T0 + 2500)
     assert tables.head[MODEL]["completed_total"] == 1
 
 
