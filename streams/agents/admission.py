@@ -1,5 +1,9 @@
 """Admission: `ember.requests` -> `ember.admitted`, a `rejected` chunk, or later.
 
+A cancel on `ember.requests` (docs/PROTOCOL.md §5.3) is forwarded unchanged to
+`ember.admitted`, keyed by model, for placement; when its request is deferred here, the
+request is answered `cancelled` when it comes back instead of being admitted.
+
 Each request is decoded (a bad key or value: dead letter, plus a `rejected` chunk when its
 reply topic is readable) and handed to `streams.policy.admission.admit`. Its outcome:
 
@@ -29,7 +33,18 @@ from typing import Any
 import faust
 
 from infra.logs import get_logger
-from schemas import Request, decode, decode_key
+from schemas import (
+    Cancel,
+    Request,
+    TokenChunk,
+    decode,
+    decode_key,
+    headers_for,
+    key_for,
+    parse_schema_header,
+    unpack_map,
+)
+from schemas.topics import ADMITTED
 from streams.agents.outbox import MEMO, Consumed, Out, count, now_ms, out, safely, send_all
 from streams.app import RETRY_AT_HEADER, SETTINGS, app, deferred_topic, requests_topic
 from streams.policy import AdmissionSpec, AdmissionState, ModelLoad, admit
@@ -67,6 +82,8 @@ class Admission:
         self._load_of = load_of
         self._load_at: dict[str, int] = {}
         self._pruned_at = 0
+        self._deferred: dict[str, int] = {}  # request id -> retry_at, while deferred
+        self._cancelled: dict[str, Cancel] = {}  # deferred requests a cancel arrived for
 
     def _refresh(self, model: str, now: int) -> None:
         row = self._load_of(model)
@@ -78,9 +95,18 @@ class Admission:
             self.state = self.state.without_full_buckets(self.spec, now)
 
     def step(self, record: Consumed, now: int) -> list[Out]:
-        """One request record in, the records to send out (see the module docstring)."""
+        """One record of `ember.requests` (or the deferred topic) in, the records to send out
+        (see the module docstring)."""
         decode_key(record.key)
-        request = decode(Request, record.value, record.headers)
+        message = decode_request_topic(record.value, record.headers)
+        if isinstance(message, Cancel):
+            return self._cancel(message, record, now)
+        request = message
+        if record.topic == self.deferred_topic:
+            self._deferred.pop(request.request_id, None)
+            cancel = self._cancelled.pop(request.request_id, None)
+            if cancel is not None:
+                return [out(cancelled_chunk(request, cancel, now), request.reply_topic)]
         self._refresh(request.model, now)
         self.state, result = admit(self.spec, self.state, request, now)
         count("ember_admission_total", model=_label(request.model), outcome=result.outcome,
@@ -107,9 +133,52 @@ class Admission:
             retry_at=result.retry_at,
             reason=result.reason,
         )
+        self._deferred[request.request_id] = result.retry_at
         headers = [(k, bytes(v)) for k, v in _pairs(record.headers) if k != RETRY_AT_HEADER]
         headers.append((RETRY_AT_HEADER, str(result.retry_at).encode("ascii")))
         return [Out(self.deferred_topic, record.key, bytes(record.value or b""), tuple(headers))]
+
+    def _cancel(self, cancel: Cancel, record: Consumed, now: int) -> list[Out]:
+        """Forward a cancel to placement, unchanged; remember it for a deferred request."""
+        self._forget_lost_deferrals(now)
+        if cancel.request_id in self._deferred:
+            self._cancelled[cancel.request_id] = cancel
+        count("ember_cancels_total", model=_label(cancel.model))
+        value = bytes(record.value or b"")
+        return [Out(ADMITTED, key_for(cancel, ADMITTED), value, tuple(headers_for(cancel)))]
+
+    def _forget_lost_deferrals(self, now: int) -> None:
+        """Deferred requests that never came back (their retry was lost, or another process
+        took it): forgotten `max_defer_s` past their retry time."""
+        horizon = now - round(self.spec.max_defer_s * 1000)
+        for rid in [r for r, at in self._deferred.items() if at < horizon]:
+            self._deferred.pop(rid, None)
+            self._cancelled.pop(rid, None)
+
+
+def decode_request_topic(value: bytes | None, headers: Any) -> Request | Cancel:
+    """A record of `ember.requests`: a request or a cancel. The `ember-schema` header says
+    which; without one, a map with `cancelled_at` and no `submitted_at` is a cancel."""
+    schema = parse_schema_header(headers)
+    if schema is not None:
+        return decode(Cancel if schema.name == "cancel" else Request, value, headers)
+    fields = unpack_map(value, "request")
+    if "cancelled_at" in fields and "submitted_at" not in fields:
+        return decode(Cancel, value)
+    return decode(Request, value)
+
+
+def cancelled_chunk(request: Request, cancel: Cancel, now: int) -> TokenChunk:
+    """The terminal chunk of a request cancelled before it was admitted."""
+    reason = cancel.reason or "cancelled by the client"
+    return TokenChunk(
+        request_id=request.request_id,
+        seq=0,
+        finish_reason="cancelled",
+        error_message=f"cancelled while deferred: {reason}"[:1024],
+        submitted_at=request.submitted_at,
+        emitted_at=now,
+    )
 
 
 def _pairs(headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None) -> list[Any]:

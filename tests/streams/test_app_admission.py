@@ -16,6 +16,7 @@ import pytest_asyncio
 
 from schemas import (
     AdmittedRequest,
+    Cancel,
     DeadLetter,
     Request,
     TokenChunk,
@@ -204,3 +205,46 @@ def test_retry_at_reads_the_header_or_says_now() -> None:
     assert retry_at({RETRY_AT_HEADER: b"99"}) == 99
     assert retry_at([(RETRY_AT_HEADER, b"soon")]) == 0
     assert retry_at(None) == 0
+
+
+# --- cancels (docs/PROTOCOL.md §5.3) --------------------------------------------------------
+
+
+def cancel_of(req: Request) -> Cancel:
+    return Cancel(request_id=req.request_id, model=req.model, reply_topic=req.reply_topic,
+                  cancelled_at=req.submitted_at + 5, reason="client timeout")
+
+
+@pytest.mark.parametrize("with_header", [True, False])
+async def test_a_cancel_is_forwarded_unchanged_keyed_by_model(
+    agent: Any, sent: list[Out], with_header: bool
+) -> None:
+    value = encode(cancel_of(request()))
+    headers = [("ember-schema", b"cancel/1.0")] if with_header else None
+    await agent.put(value=value, key=b"r-1", headers=headers)
+    [forwarded] = sent
+    assert (forwarded.topic, forwarded.key, forwarded.value) == (ADMITTED, b"tiny", value)
+    assert dict(forwarded.headers)["ember-schema"] == b"cancel/1.0"
+
+
+def test_a_deferred_request_that_was_cancelled_is_answered_when_it_returns(
+    loads: Loads,
+) -> None:
+    spec = AdmissionSpec(models={"tiny": ModelAdmission(queue_bounds={"batch": 1})})
+    adm = Admission(spec, DEFERRED, loads.rows.get)
+    loads.set("tiny", at=1, batch=1)
+    now = time.time_ns() // 1_000_000
+    req = request(latency_class="batch", submitted_at=now)
+    [deferred] = adm.step(Consumed("ember.requests", 0, 0, b"r-1", encode(req)), now)
+    assert deferred.topic == DEFERRED
+    [forwarded] = adm.step(Consumed("ember.requests", 0, 1, b"r-1", encode(cancel_of(req))), now)
+    assert forwarded.topic == ADMITTED
+    back = Consumed(DEFERRED, 0, 0, b"r-1", deferred.value, deferred.headers)
+    [reply] = adm.step(back, now + 5_000)
+    chunk = decode(TokenChunk, reply.value)
+    assert (reply.topic, chunk.finish_reason, chunk.seq) == (REPLIES, "cancelled", 0)
+    assert "client timeout" in (chunk.error_message or "")
+    loads.set("tiny", at=2, batch=0)  # with room again, the next batch request is admitted
+    other = request(request_id="r-2", latency_class="batch", submitted_at=now)
+    [admitted] = adm.step(Consumed("ember.requests", 0, 2, b"r-2", encode(other)), now)
+    assert admitted.topic == ADMITTED
