@@ -15,6 +15,10 @@ step says:
 - a worker that went silent (missed heartbeats, start timeout): a `release` decision on
   `ember.decisions` (policy `placement`), so the supervisor stops what may still run.
 
+A cancel on `ember.admitted` (docs/PROTOCOL.md §5.3) takes a pending request out of the
+queue with its `cancelled` chunk, goes on, unchanged, to the worker's partition of a placed
+request, and is dropped for a request placement no longer knows.
+
 Time passing (dead workers, deadlines) is the timer's: `Placer.tick`, called by
 streams.agents.control for each model this process owns.
 """
@@ -23,12 +27,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import faust
 
 from infra.logs import get_logger
 from schemas import (
     AdmittedRequest,
+    Cancel,
     LifecycleEvent,
     ScaleDecision,
     TokenChunk,
@@ -36,6 +43,8 @@ from schemas import (
     encode,
     headers_for,
     key_for,
+    parse_schema_header,
+    unpack_map,
 )
 from schemas.topics import LIFECYCLE, model_topic_name
 from streams.agents.outbox import MEMO, Consumed, Out, count, now_ms, out, safely, send_all
@@ -63,10 +72,12 @@ class Placer:
                 return []
             return self._apply(spec, lambda state: on_lifecycle(spec, state, event, now), now)
         remembered = MEMO.take(record.value)
-        if isinstance(remembered, AdmittedRequest):
-            request = remembered
-        else:
-            request = decode(AdmittedRequest, record.value, record.headers)
+        message = remembered or decode_admitted_topic(record.value, record.headers)
+        if isinstance(message, Cancel):
+            return self._cancel(message, bytes(record.value or b""), now)
+        if not isinstance(message, AdmittedRequest):
+            raise TypeError(f"expected an admitted request, got {type(message).__name__}")
+        request = message
         spec = self.specs.get(request.model)
         if spec is None:
             return [out(_unknown_model(request, now), request.request.reply_topic)]
@@ -74,6 +85,27 @@ class Placer:
         return self._apply(
             spec, lambda state: on_admitted(spec, state, request, now), now, as_received
         )
+
+    def _cancel(self, cancel: Cancel, value: bytes, now: int) -> list[Out]:
+        """docs/PROTOCOL.md §5.3: a pending request leaves the queue with its `cancelled`
+        chunk; a placed one gets the cancel on its worker's partition; others: nothing."""
+        spec = self.specs.get(cancel.model)
+        if spec is None:
+            return []
+        with writing_for(spec.model):
+            old = self.store.get(spec.model)
+            new, where = cancelled(old, cancel.request_id)
+            self.store.put(old, new)
+        count("ember_cancels_total", model=spec.model, where=where.kind)
+        if where.kind == "pending":
+            assert where.request is not None
+            chunk = cancelled_chunk(where.request, cancel, now)
+            return [out(chunk, where.request.request.reply_topic)]
+        if where.kind == "placed":
+            topic = model_topic_name(spec.model)
+            key = key_for(cancel, topic)
+            return [Out(topic, key, value, tuple(headers_for(cancel)), where.partition)]
+        return []
 
     def tick(self, model: str, now: int) -> tuple[PlacementState, list[Out]]:
         """Time passing for one model; the state after it, and what to send. Also writes the
@@ -142,6 +174,56 @@ class Placer:
         if step.placements:
             count("ember_placements_total", len(step.placements), model=model)
         return outs
+
+
+def decode_admitted_topic(value: bytes | None, headers: Any) -> AdmittedRequest | Cancel:
+    """A record of `ember.admitted`: an admitted request, or a cancel (by its header; without
+    one, a map with `cancelled_at` is a cancel)."""
+    schema = parse_schema_header(headers)
+    if schema is not None:
+        return decode(Cancel if schema.name == "cancel" else AdmittedRequest, value, headers)
+    if "cancelled_at" in unpack_map(value, "admitted_request"):
+        return decode(Cancel, value)
+    return decode(AdmittedRequest, value)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTarget:
+    """Where a cancelled request was: `pending` (request set), `placed` (on the worker's
+    `partition`), or `unknown` (finished, never seen, or its worker has no partition)."""
+
+    kind: Literal["pending", "placed", "unknown"]
+    request: AdmittedRequest | None = None
+    partition: int | None = None
+
+
+def cancelled(state: PlacementState, request_id: str) -> tuple[PlacementState, CancelTarget]:
+    """The state without `request_id` in pending, and where the request was. A placed
+    request stays in flight until its worker's heartbeats stop listing it (the worker ends it
+    with its `cancelled` chunk)."""
+    for cls, queue in state.pending.items():
+        for i, request in enumerate(queue):
+            if request.request_id == request_id:
+                pending = {**state.pending, cls: queue[:i] + queue[i + 1 :]}
+                return replace(state, pending=pending), CancelTarget("pending", request)
+    flight = state.in_flight.get(request_id)
+    worker = state.workers.get(flight.request.worker_id or "") if flight else None
+    if worker is not None and worker.partition is not None:
+        return state, CancelTarget("placed", flight.request if flight else None, worker.partition)
+    return state, CancelTarget("unknown")
+
+
+def cancelled_chunk(request: AdmittedRequest, cancel: Cancel, now: int) -> TokenChunk:
+    """The terminal chunk of a request cancelled while it waited for a worker."""
+    return TokenChunk(
+        request_id=request.request_id,
+        seq=0,
+        attempt=request.attempt,
+        finish_reason="cancelled",
+        error_message=f"cancelled before it started: {cancel.reason or 'by the client'}"[:1024],
+        submitted_at=request.request.submitted_at,
+        emitted_at=now,
+    )
 
 
 def _unknown_model(request: AdmittedRequest, now: int) -> TokenChunk:

@@ -11,6 +11,7 @@ import pytest
 
 from schemas import (
     AdmittedRequest,
+    Cancel,
     LifecycleEvent,
     Request,
     ScaleDecision,
@@ -299,3 +300,39 @@ def test_model_partition_is_kafkas_default_partitioner() -> None:
 def test_encode_round_trip_sanity() -> None:
     msg = admitted("r-1")
     assert decode(AdmittedRequest, encode(msg)) == msg
+
+
+# --- cancels (docs/PROTOCOL.md §5.3) --------------------------------------------------------
+
+
+def cancel(rid: str) -> Cancel:
+    return Cancel(request_id=rid, model=MODEL, cancelled_at=T0 + 50, reason="client timeout")
+
+
+def test_a_pending_request_is_cancelled_out_of_the_queue(tables: Tables) -> None:
+    placer = tables.placer()
+    feed(placer, admitted("r-1"), admitted("r-2"))
+    [reply] = placer.on_record(consumed(cancel("r-1"), ADMITTED), T0 + 60)
+    chunk = decode(TokenChunk, reply.value)
+    assert (reply.topic, chunk.request_id, chunk.finish_reason) == (
+        "ember.replies", "r-1", "cancelled"
+    )
+    assert [r.request_id for r in placer.store.get(MODEL).queued("interactive")] == ["r-2"]
+    assert set(tables.requests) == {"r-2"}
+    outs = feed(placer, *ready("w-1", 1, T0 + 100), at=T0 + 100)
+    assert [r.request_id for _, r in placed(outs)] == ["r-2"]
+
+
+def test_a_placed_requests_cancel_goes_to_its_workers_partition(tables: Tables) -> None:
+    placer = tables.placer()
+    feed(placer, *ready("w-1", 6, T0), admitted("r-1"))
+    record = consumed(cancel("r-1"), ADMITTED)
+    [forwarded] = placer.on_record(record, T0 + 60)
+    assert (forwarded.topic, forwarded.partition, forwarded.key) == (TOPIC, 6, b"r-1")
+    assert forwarded.value == record.value
+    assert dict(forwarded.headers)["ember-schema"] == b"cancel/1.0"
+
+
+def test_a_cancel_for_an_unknown_request_is_dropped(tables: Tables) -> None:
+    placer = tables.placer()
+    assert placer.on_record(consumed(cancel("r-9"), ADMITTED), T0) == []
