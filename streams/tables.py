@@ -186,10 +186,11 @@ class PlacementStore:
 
     A request's row is written whenever the request changes (queued, placed, re-placed) and
     deleted when it finishes; that a heartbeat listed it (`seen`) is not worth a write: after
-    a restart the next heartbeats show it again. The model's row is written at once when a worker comes,
-    goes or changes state; changes of load and counters alone (every placement) are written
-    by `flush`, once per tick: after a crash the workers are right, their requests come
-    back from the request rows, and the counters may miss the last tick's arrivals."""
+    a restart the next heartbeats show it again. The model's row is written at once when a
+    worker comes, goes or changes state; changes of load and counters alone (every
+    placement) are written by `flush`, once per tick: after a crash the workers are right,
+    their requests come back from the request rows, and the counters may miss the last
+    tick's arrivals."""
 
     def __init__(self, head: Any = placement, requests: Any = placement_requests) -> None:
         self._head = head
