@@ -33,7 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    KafkaError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 
 from gpu_worker.delivery import ChunkBatcher, ChunkOut, ChunkPolicy, OffsetTracker
 from infra.logs import get_logger
@@ -57,6 +61,16 @@ from schemas import (
 from schemas.topics import LIFECYCLE, WORKERS, model_topic_name
 
 log = get_logger(__name__)
+
+# Broker answers about one reply topic: they cost that request, never the worker.
+_REPLY_TOPIC_ERRORS = (TopicAuthorizationFailedError, UnknownTopicOrPartitionError)
+REPLY_TOPIC_CHECK_S = 2.0  # how long to wait for a reply topic's metadata
+REPLY_TOPIC_VERDICT_S = 30.0  # how long a topic's writability is remembered
+
+
+class ReplyTopicError(Exception):
+    """The request's reply topic cannot be written by this worker (missing or not allowed)."""
+
 
 # Engine rejection reasons that are also wire error codes (schemas.ERROR_CODES); any other
 # rejection is the request's own fault: `invalid_request`.
@@ -192,6 +206,7 @@ class Worker:
         self._consumer: AIOKafkaConsumer | None = None
         self._tp = TopicPartition(config.topic, config.partition)
         self._first_token_span_sent = False
+        self._reply_verdicts: dict[str, tuple[float, str | None]] = {}  # topic -> (at, problem)
         self.served = 0
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -322,6 +337,11 @@ class Worker:
             await self._dead_letter(record, exc)
             self._tracker.skipped(offset)
             return
+        problem_topic = await self._reply_topic_problem(request.reply_topic)
+        if problem_topic is not None:
+            await self._dead_letter(record, ReplyTopicError(problem_topic), reply=False)
+            self._tracker.skipped(offset)
+            return
         if warm is None:  # not placed by the control plane: warm if we were ready before it
             warm = self.ready_at is not None and request.submitted_at >= self.ready_at
         live = _InFlight(offset, request, attempt, warm)
@@ -411,7 +431,10 @@ class Worker:
                 )
                 terminal_acks.append((out.request_id, ack))
         for request_id, ack in terminal_acks:
-            await ack
+            try:
+                await ack
+            except _REPLY_TOPIC_ERRORS as exc:  # the reply topic went away or was forbidden
+                log.warning("terminal chunk undeliverable", request_id=request_id, error=repr(exc))
             live = self._in_flight.pop(request_id)
             self._tracker.done(live.offset)
             self.served += 1
@@ -460,7 +483,9 @@ class Worker:
         await (await self._send(chunk, live.request.reply_topic))
         log.info("request answered without generation", request_id=out.request_id, code=code)
 
-    async def _dead_letter(self, record: Any, exc: SchemaError) -> None:
+    async def _dead_letter(self, record: Any, exc: Exception, reply: bool = True) -> None:
+        """Record `record` in dead letters with why; when `reply`, also answer its request
+        with a lone `rejected` chunk if a reply topic can be read from it."""
         at = now_ms()
         letter = dead_letter_for(
             topic=record.topic,
@@ -480,7 +505,7 @@ class Worker:
             reason=letter.reason,
             error=letter.error[:300],
         )
-        route = reply_route(record.value)
+        route = reply_route(record.value) if reply and isinstance(exc, SchemaError) else None
         if route is None:
             return
         chunk = TokenChunk(
@@ -492,12 +517,42 @@ class Worker:
             submitted_at=route.submitted_at or at,
             emitted_at=at,
         )
-        await (await self._send(chunk, route.reply_topic))
+        if await self._reply_topic_problem(route.reply_topic) is None:
+            with contextlib.suppress(*_REPLY_TOPIC_ERRORS):
+                await (await self._send(chunk, route.reply_topic))
 
     async def _send(self, msg: Message, topic: str | None = None) -> asyncio.Future[Any]:
         assert self._producer is not None
         rec = record_for(msg, topic)
-        return await self._producer.send(rec.topic, rec.value, key=rec.key, headers=rec.headers)
+        try:
+            return await self._producer.send(
+                rec.topic, rec.value, key=rec.key, headers=rec.headers
+            )
+        except _REPLY_TOPIC_ERRORS as exc:
+            if not isinstance(msg, TokenChunk):
+                raise  # one of Ember's own topics: the deployment is broken, fail loudly
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            failed.add_done_callback(lambda f: f.exception())  # retrieved: no warning
+            return failed
+
+    async def _reply_topic_problem(self, topic: str) -> str | None:
+        """Why chunks cannot go to `topic` (missing, not allowed), or None. Remembered for
+        REPLY_TOPIC_VERDICT_S, so a flood of such requests costs one metadata wait."""
+        now = time.monotonic()
+        verdict = self._reply_verdicts.get(topic)
+        if verdict is not None and now - verdict[0] < REPLY_TOPIC_VERDICT_S:
+            return verdict[1]
+        assert self._producer is not None
+        problem: str | None = None
+        try:
+            await asyncio.wait_for(self._producer.partitions_for(topic), REPLY_TOPIC_CHECK_S)
+        except TopicAuthorizationFailedError:
+            problem = f"reply topic {topic!r}: this worker is not allowed to write it"
+        except (asyncio.TimeoutError, UnknownTopicOrPartitionError):
+            problem = f"reply topic {topic!r} does not exist (create it before sending requests)"
+        self._reply_verdicts[topic] = (now, problem)
+        return problem
 
     async def _commit(self) -> None:
         offset = self._tracker.committable()

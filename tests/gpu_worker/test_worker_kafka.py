@@ -182,11 +182,12 @@ async def test_worker_streams_tokens_and_answers_every_record(kafka_settings, ti
     good = [admitted(model, p, reply, max_tokens=12) for p in prompts]
     too_long = admitted(model, "word " * 5000, reply, max_tokens=4)
     other_model = admitted("not-this-one", "hi", reply, max_tokens=4)
+    nowhere = admitted(model, "hi", f"test.missing.{uuid.uuid4().hex[:8]}", max_tokens=4)
     bad_fields = {"v": "1.0", "request_id": "bad-1", "model": model, "reply_topic": reply,
                   "submitted_at": now_ms(), "temperature": "hot"}
     topic = config.topic
     await produce(
-        kafka_settings, topic, 1, msgs=[*good, too_long, other_model],
+        kafka_settings, topic, 1, msgs=[*good, too_long, other_model, nowhere],
         raw=[(b"junk", b"\xc1not msgpack"), (b"bad-1", msgpack.packb(bad_fields))],
     )
     ids = {m.request_id for m in [*good, too_long, other_model]} | {"bad-1"}
@@ -219,6 +220,8 @@ async def test_worker_streams_tokens_and_answers_every_record(kafka_settings, ti
     )
     reasons = {d.reason for d in letters}
     assert {"undecodable", "invalid"} <= reasons
+    [missing] = [d for d in letters if d.key == nowhere.request_id]
+    assert "does not exist" in missing.error, "a reply topic that is missing costs one request"
     assert not task.done(), "bad records must not stop the worker"
 
     worker.drain()

@@ -631,12 +631,6 @@ async def test_request_served_over_sasl_ssl_and_no_text_in_any_log(
 
 
 @pytest.mark.kafka
-@pytest.mark.xfail(
-    reason="gpu_worker.worker: a chunk the broker refuses (TopicAuthorizationFailedError on the "
-    "request's reply topic) ends Worker.run with `failed`, and placement re-places the request "
-    "on the next worker",
-    strict=False,
-)
 async def test_a_reply_topic_the_worker_may_not_write_does_not_stop_it(
     cluster: SecureCluster, tiny_model: Path
 ) -> None:
