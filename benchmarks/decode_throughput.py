@@ -1,0 +1,548 @@
+"""Decode throughput: Ember's `Engine` against Hugging Face `transformers` `generate`, side by side.
+
+One run, one checkpoint (the generated "medium" Llama, ~1 GB in float32, by default), the same
+torch threads for both. For each repeat and each batch size the two engines run back to back
+(their order alternating between repeats), so both see the same machine noise; the memcpy
+bandwidth is sampled in every repeat as well.
+
+What is timed: decode only. Both engines report a timestamp each time a step's tokens are out
+(Ember: after `Engine.step()` returns; transformers: a streamer's `put`, called by `generate`
+after each step's tokens are picked). The first token comes from the prefill, so
+decode tokens/s = batch * (N - 1) / (t[token N] - t[token 1]) for N new tokens per request;
+the time from start to token 1 is reported separately as prefill. Both runs are greedy,
+fp32, run all N tokens (Ember `ignore_eos=True`; transformers `min_new_tokens=N`) and start
+from the same equal-length prompts, so they do the same matmuls.
+
+The bandwidth bound: a batch-1 decode step reads every weight once (the embedding table only
+as one row), so tokens/s <= bandwidth / weight bytes. Bandwidth is a ~1 GB `Tensor.copy_`
+counted as read + write (2 x size per copy), the median of all samples.
+
+    .venv/bin/python benchmarks/decode_throughput.py                 # medium, ~5-10 min
+    .venv/bin/python benchmarks/decode_throughput.py --size tiny     # smoke test, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+# Before torch loads OpenMP: idle OpenMP workers sleep instead of spinning. On a shared,
+# oversubscribed machine spinning workers take the cores the working ones need and every parallel
+# region waits for a descheduled thread (a decode step ran 3-10x slower). Set it to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+ENGINES = ("ember", "transformers")
+BANDWIDTH_BYTES = 1 << 30  # source tensor of the copy; as many bytes are written
+
+
+def progress(msg: str) -> None:
+    print(f"[decode-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- one measurement ----------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One generation of N tokens for a batch; `stamps[i]`: seconds after start when token i+1
+    of every row was out."""
+
+    engine: str
+    batch: int
+    repeat: int
+    stamps: list[float]
+    tokens: list[list[int]] = field(repr=False)
+
+    @property
+    def decode_s(self) -> float:
+        return self.stamps[-1] - self.stamps[0]
+
+    @property
+    def decode_tok_s(self) -> float:  # aggregate over the batch
+        return self.batch * (len(self.stamps) - 1) / self.decode_s
+
+    @property
+    def step_s(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+    @property
+    def prefill_s(self) -> float:
+        return self.stamps[0]
+
+
+def run_ember(engine, prompts: list[list[int]], n_tokens: int) -> tuple[list[float], list[list[int]]]:
+    from gpu_worker.engine import EngineRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=n_tokens, ignore_eos=True)  # greedy
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(EngineRequest(f"bench-{i}", prompt_ids=prompt, params=params))
+    stamps: list[float] = []
+    tokens: dict[str, list[int]] = {f"bench-{i}": [] for i in range(len(prompts))}
+    while engine.has_work():
+        outs = engine.step()
+        stamps.append(time.perf_counter() - start)
+        for out in outs:
+            tokens[out.request_id].extend(out.token_ids)
+    return stamps, [tokens[f"bench-{i}"] for i in range(len(prompts))]
+
+
+class _StepClock:
+    """A transformers streamer that only notes the time of each `put` (the first is the prompt)."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        self.stamps.append(time.perf_counter() - self.start)
+
+    def end(self) -> None:
+        pass
+
+
+def run_transformers(model, prompts: list[list[int]], n_tokens: int, pad_id: int) -> tuple[list[float], list[list[int]]]:
+    ids = torch.tensor(prompts)  # [B, S], equal lengths: no padding
+    start = time.perf_counter()
+    clock = _StepClock(start)
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n_tokens,
+            min_new_tokens=n_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pad_id,
+            streamer=clock,
+        )
+    stamps = clock.stamps[1:]  # drop the prompt's put
+    if len(stamps) != n_tokens:
+        raise RuntimeError(f"transformers streamed {len(stamps)} steps, expected {n_tokens}")
+    return stamps, out[:, ids.shape[1]:].tolist()
+
+
+def copy_bandwidth(src: torch.Tensor, dst: torch.Tensor) -> float:
+    """Bytes per second of one `dst.copy_(src)`, counting the read and the write."""
+    start = time.perf_counter()
+    dst.copy_(src)
+    return 2 * src.nbytes / (time.perf_counter() - start)
+
+
+def read_bandwidth(src: torch.Tensor) -> float:
+    """Bytes per second of one `src.sum()`: a read-only stream, for comparison."""
+    start = time.perf_counter()
+    src.sum()
+    return src.nbytes / (time.perf_counter() - start)
+
+
+# ---- model facts ---------------------------------------------------------------------------------
+
+
+def weight_bytes_per_step(model) -> dict[str, int]:
+    """Bytes of weights one batch-1 decode step reads: every parameter once, except the
+    embedding table, of which only the looked-up row is read (unless it is tied to lm_head)."""
+    params = {id(p): p for p in model.parameters()}  # tied weights once
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    emb = model.tok_embeddings.weight
+    tied = model.output.weight is emb
+    emb_bytes = emb.numel() * emb.element_size()
+    row = emb.shape[1] * emb.element_size()
+    per_step = total if tied else total - emb_bytes + row
+    return {
+        "parameters": sum(p.numel() for p in params.values()),
+        "parameter_bytes": total,
+        "embedding_bytes": emb_bytes,
+        "per_step_bytes": per_step,
+    }
+
+
+def kv_bytes_per_position(config, elt: int) -> int:
+    """K and V bytes read per cached position and request, all layers."""
+    return 2 * config.n_layers * config.n_kv_heads * config.head_dim * elt
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def slow_p95_rate(xs: Sequence[float]) -> float:
+    """The p95 of a rate: 95% of samples are at least this fast (the 5th percentile)."""
+    return float(np.percentile(xs, 5))
+
+
+def p95(xs: Sequence[float]) -> float:
+    return float(np.percentile(xs, 95))
+
+
+# ---- machine -------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(threads: int) -> dict:
+    import transformers
+
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = float("nan")
+    return {
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": round(mem_gib, 1),
+        "torch_threads": threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+# ---- the benchmark -------------------------------------------------------------------------------
+
+
+def ensure_model(size: str, model_dir: Path) -> Path:
+    if (model_dir / "config.json").is_file():
+        return model_dir
+    from gpu_worker.make_model import make_model
+
+    progress(f"generating the {size} model into {model_dir} (once; later runs reuse it)")
+    return make_model(size, model_dir, progress=True)
+
+
+def make_prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Equal-length prompts of random ids below the special tokens (the last two ids)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab - 2, (batch, prompt_len), generator=g).tolist()
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from gpu_worker.engine import Engine
+    from gpu_worker.weights import load_model, read_generation_config
+
+    torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > default_threads():
+        progress(
+            f"warning: load average {load:.1f} on {default_threads()} cores: the machine is "
+            "oversubscribed, absolute figures will be noisy (ratios are paired per repeat)"
+        )
+    model_dir = ensure_model(args.size, args.model_dir)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+    progress(f"loading {model_dir} for Ember and for transformers; torch threads {threads}")
+    ember_model = load_model(model_dir)
+    dtype = ember_model.tok_embeddings.weight.dtype
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    config = ember_model.config
+    eos = read_generation_config(model_dir)
+    pad_id = eos[0] if eos else 0
+    batches = sorted(set(args.batch_sizes))
+    engine = Engine(
+        ember_model, max_batch=max(batches), max_seq_len=args.prompt_len + args.tokens,
+        eos_token_ids=eos,
+    )
+    prompts = {b: make_prompts(b, args.prompt_len, config.vocab_size) for b in batches}
+    weights = weight_bytes_per_step(ember_model)
+
+    def measure(name: str, b: int, n: int) -> tuple[list[float], list[list[int]]]:
+        gc.collect()
+        if name == "ember":
+            return run_ember(engine, prompts[b], n)
+        return run_transformers(hf_model, prompts[b], n, pad_id)
+
+    progress("warm-up: every engine and batch size once")
+    for b in batches:
+        for name in ENGINES:
+            measure(name, b, min(args.tokens, 4))
+
+    n_elems = max(1, (BANDWIDTH_BYTES if args.size != "tiny" else 1 << 26) // 4)
+    src = torch.ones(n_elems, dtype=torch.float32)
+    dst = torch.zeros_like(src)  # written once: no page faults in the timed copies
+    copy_bw: list[float] = [copy_bandwidth(src, dst)]  # warm-up sample, dropped below
+    read_bw: list[float] = [read_bandwidth(src)]
+    copy_bw.clear()
+    read_bw.clear()
+
+    runs: list[Run] = []
+    load_before = load_average()
+    started = time.perf_counter()
+    for r in range(args.repeats):
+        order = ENGINES if r % 2 == 0 else ENGINES[::-1]
+        for b in batches:
+            for name in order:
+                stamps, tokens = measure(name, b, args.tokens)
+                run = Run(name, b, r, stamps, tokens)
+                runs.append(run)
+                progress(
+                    f"repeat {r + 1}/{args.repeats} batch {b:>2} {name:<12} "
+                    f"{run.decode_tok_s:8.1f} tok/s  {median(run.step_s) * 1e3:7.1f} ms/step"
+                )
+        for _ in range(args.bandwidth_samples):
+            copy_bw.append(copy_bandwidth(src, dst))
+            read_bw.append(read_bandwidth(src))
+        progress(f"repeat {r + 1}/{args.repeats} memcpy {median(copy_bw[-args.bandwidth_samples:]) / 1e9:.2f} GB/s")
+    elapsed = time.perf_counter() - started
+    del src, dst
+
+    return summarize(args, runs, copy_bw, read_bw, weights, config, dtype, threads, model_dir,
+                     load_before, elapsed)
+
+
+def summarize(args, runs, copy_bw, read_bw, weights, config, dtype, threads, model_dir,
+              load_before, elapsed) -> dict:
+    batches = sorted({r.batch for r in runs})
+    by = {(r.engine, r.batch, r.repeat): r for r in runs}
+    repeats = range(args.repeats)
+
+    per_batch = []
+    for b in batches:
+        row = {"batch": b}
+        for name in ENGINES:
+            rs = [by[name, b, i] for i in repeats]
+            rates = [r.decode_tok_s for r in rs]
+            steps = [s for r in rs for s in r.step_s]
+            row[name] = {
+                "tok_s": rates,
+                "tok_s_median": median(rates),
+                "tok_s_p95": slow_p95_rate(rates),
+                "step_ms_median": median(steps) * 1e3,
+                "step_ms_p95": p95(steps) * 1e3,
+                "prefill_ms_median": median([r.prefill_s for r in rs]) * 1e3,
+            }
+        paired = [by["ember", b, i].decode_tok_s / by["transformers", b, i].decode_tok_s for i in repeats]
+        row["ember_over_transformers"] = {"per_repeat": paired, "median": median(paired), "p95": slow_p95_rate(paired)}
+        same = sum(
+            e == t for i in repeats
+            for e, t in zip(by["ember", b, i].tokens, by["transformers", b, i].tokens)
+        )
+        row["identical_outputs"] = f"{same}/{b * args.repeats}"
+        per_batch.append(row)
+
+    ratios = {}
+    lo, hi = batches[0], batches[-1]
+    scale = [by["ember", hi, i].decode_tok_s / by["ember", lo, i].decode_tok_s for i in repeats]
+    ratios[f"ember_b{hi}_over_b{lo}"] = {"median": median(scale), "p95": slow_p95_rate(scale), "target": 4.0}
+    b1 = next(row for row in per_batch if row["batch"] == lo)["ember_over_transformers"]
+    ratios[f"ember_over_transformers_b{lo}"] = {"median": b1["median"], "p95": b1["p95"], "target": 1.0}
+
+    bw = median(copy_bw)
+    bound = bw / weights["per_step_bytes"]
+    ember_b1 = [by["ember", lo, i].decode_tok_s for i in repeats]
+    kv = kv_bytes_per_position(config, torch.finfo(dtype).bits // 8)
+    mean_len = args.prompt_len + args.tokens / 2
+    return {
+        "command": "",
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(threads),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "measure_seconds": round(elapsed, 1),
+        "model": {
+            "size": args.size,
+            "dir": str(model_dir),
+            "dtype": str(dtype).removeprefix("torch."),
+            **weights,
+            "kv_bytes_per_step_b1_mean": int(kv * mean_len),
+        },
+        "settings": {
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.tokens,
+            "decode_steps": args.tokens - 1,
+            "repeats": args.repeats,
+            "batch_sizes": batches,
+            "bandwidth_samples": len(copy_bw),
+        },
+        "per_batch": per_batch,
+        "ratios": ratios,
+        "bandwidth": {
+            "copy_bytes": 2 * (BANDWIDTH_BYTES if args.size != "tiny" else 1 << 26),
+            "copy_gb_s_median": bw / 1e9,
+            "copy_gb_s_p95": slow_p95_rate(copy_bw) / 1e9,
+            "read_gb_s_median": median(read_bw) / 1e9,
+            "bound_b1_tok_s": bound,
+            "ember_b1_tok_s_median": median(ember_b1),
+            "ember_b1_pct_of_bound": 100 * median(ember_b1) / bound,
+        },
+    }
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+
+def _met(value: float, target: float) -> str:
+    return "met" if value >= target else "**not met**"
+
+
+def render_markdown(res: dict) -> str:
+    m, s, mod, bw = res["machine"], res["settings"], res["model"], res["bandwidth"]
+    lines = [
+        "# Decode throughput: Ember vs transformers",
+        "",
+        f"Reproduce: `{res['command']}`",
+        "",
+        f"- Date: {res['date_utc']}; measuring took {res['measure_seconds']:.0f} s",
+        f"- Machine: {m['cpu_model']}, {m['cores']} cores ({m['cores_usable']} usable), "
+        f"{m['memory_gib']} GiB, CPU capability {m['cpu_capability']}",
+        f"- torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; "
+        f"torch threads: **{m['torch_threads']}** (both engines), OMP_WAIT_POLICY={m['omp_wait_policy']}",
+        f"- Load average (1/5/15 min) before: {res['load_average_before']}, after: "
+        f"{res['load_average_after']} (a shared machine: read the ratios, not the absolute figures)",
+        f"- Model: {mod['size']} ({mod['dir']}), {mod['dtype']}, "
+        f"{mod['parameters'] / 1e6:.1f} M parameters, {mod['parameter_bytes'] / 1e9:.3f} GB",
+        f"- Work: prompts of {s['prompt_len']} tokens (equal lengths), {s['new_tokens']} new tokens "
+        f"per request = {s['decode_steps']} timed decode steps, greedy; {s['repeats']} repeats, "
+        "Ember and transformers interleaved (order alternating per repeat)",
+        "",
+        "## Decode tokens/s (aggregate over the batch, prefill excluded)",
+        "",
+        "p95 of tokens/s is the slow tail: 95% of repeats were at least this fast. "
+        "ms/step over every decode step of every repeat. Ember / transformers: the median "
+        "(and slow-tail p95) of the per-repeat ratios of runs measured back to back.",
+        "",
+        "| batch | Ember tok/s median | Ember tok/s p95 | transformers tok/s median | "
+        "transformers tok/s p95 | Ember / transformers median (p95) | Ember ms/step median (p95) | "
+        "transformers ms/step median (p95) | prefill ms Ember / transformers | identical outputs |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in res["per_batch"]:
+        e, t, r = row["ember"], row["transformers"], row["ember_over_transformers"]
+        lines.append(
+            f"| {row['batch']} | {e['tok_s_median']:.2f} | {e['tok_s_p95']:.2f} | "
+            f"{t['tok_s_median']:.2f} | {t['tok_s_p95']:.2f} | {r['median']:.2f}x ({r['p95']:.2f}x) | "
+            f"{e['step_ms_median']:.1f} ({e['step_ms_p95']:.1f}) | "
+            f"{t['step_ms_median']:.1f} ({t['step_ms_p95']:.1f}) | "
+            f"{e['prefill_ms_median']:.0f} / {t['prefill_ms_median']:.0f} | {row['identical_outputs']} |"
+        )
+    lines += [
+        "",
+        "## Ratios against targets (per-repeat paired ratios)",
+        "",
+        "| ratio | median | p95 (slow tail) | target | |",
+        "|---|---:|---:|---:|---|",
+    ]
+    names = {
+        "ember_b": "Ember batch-{hi} / Ember batch-{lo} (tokens/s)",
+        "ember_over_transformers_b": "Ember / transformers at batch {lo} (tokens/s)",
+    }
+    lo, hi = s["batch_sizes"][0], s["batch_sizes"][-1]
+    for key, r in res["ratios"].items():
+        label = names["ember_over_transformers_b" if key.startswith("ember_over") else "ember_b"]
+        lines.append(
+            f"| {label.format(lo=lo, hi=hi)} | {r['median']:.2f}x | {r['p95']:.2f}x | "
+            f">= {r['target']:.1f}x | {_met(r['median'], r['target'])} |"
+        )
+    lines += [
+        "",
+        "## Memory-bandwidth bound at batch 1",
+        "",
+        "| quantity | value |",
+        "|---|---:|",
+        f"| weight bytes read per decode step (all matmul weights + lm_head + norms; one embedding row) "
+        f"| {mod['per_step_bytes'] / 1e9:.4f} GB |",
+        f"| (not counted) KV cache bytes read per step at the mean position | {mod['kv_bytes_per_step_b1_mean'] / 1e6:.2f} MB |",
+        f"| memcpy bandwidth, `Tensor.copy_` of {bw['copy_bytes'] / 2 / 1e9:.2f} GB, read + write counted, "
+        f"median of {s['bandwidth_samples']} (p95 slow tail) | {bw['copy_gb_s_median']:.2f} GB/s "
+        f"({bw['copy_gb_s_p95']:.2f}) |",
+        f"| read-only bandwidth, `Tensor.sum` of the same tensor, median (for comparison) | {bw['read_gb_s_median']:.2f} GB/s |",
+        f"| bound: memcpy bandwidth / weight bytes per step | {bw['bound_b1_tok_s']:.2f} tok/s |",
+        f"| Ember batch 1, median | {bw['ember_b1_tok_s_median']:.2f} tok/s |",
+        f"| Ember batch 1 as a share of the bound | **{bw['ember_b1_pct_of_bound']:.0f}%** |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_results(res: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(render_markdown(res))
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=("tiny", "medium"), default="medium", help="make_model preset (default medium)")
+    p.add_argument("--model-dir", type=Path, help="checkpoint dir (default models/<size>; generated if absent)")
+    p.add_argument("--tokens", type=int, help="new tokens per request (default 32; tiny 16)")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per request (default 16)")
+    p.add_argument("--repeats", type=int, default=5, help="repeats of every measurement (default 5)")
+    p.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4, 16],
+                   help="comma-separated (default 1,4,16)")
+    p.add_argument("--threads", type=int, default=default_threads(), help="torch threads for both engines (default: all cores)")
+    p.add_argument("--bandwidth-samples", type=int, default=3, help="memcpy samples per repeat (default 3)")
+    p.add_argument("--out", type=Path,
+                   help="results path without suffix; .md and .json are written "
+                        "(default benchmarks/results/decode_throughput for medium; tiny writes nothing)")
+    args = p.parse_args(argv)
+    args.model_dir = args.model_dir or ROOT / "models" / args.size
+    args.tokens = args.tokens or (16 if args.size == "tiny" else 32)
+    if args.out is None and args.size == "medium":
+        args.out = RESULTS / "decode_throughput"
+    if args.tokens < 2 or args.repeats < 1 or min(args.batch_sizes) < 1 or args.threads < 1:
+        p.error("need --tokens >= 2, --repeats >= 1, batch sizes >= 1, --threads >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    res = benchmark(args)
+    cmd = [".venv/bin/python", "benchmarks/decode_throughput.py", *(sys.argv[1:] if argv is None else argv)]
+    res["command"] = shlex.join(cmd)
+    print(render_markdown(res))
+    if args.out is not None:
+        write_results(res, args.out)
+        progress(f"wrote {args.out.with_suffix('.md')} and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
