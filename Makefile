@@ -30,7 +30,7 @@ $(TINY)/config.json: $(STAMP)
 	$(EMBER) make-model --size tiny $(TINY)
 
 demo: topics $(TINY)/config.json
-	$(EMBER) demo --model-dir $(TINY)
+	$(EMBER) --log-level WARNING demo --model-dir $(TINY)
 
 test: topics
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -11,7 +11,8 @@ with nothing left behind.
 
 Ready means: the streams app's consumers read `ember.requests` from its end (a request for a
 model nobody serves gets its `rejected` chunk back, the probe of tests/streams/test_app_kafka.py)
-and the supervisor logged `supervisor ready` (it reads `ember.decisions`).
+and the supervisor logged `supervisor ready` (it reads `ember.decisions`), and (by default) its
+pre-started processes are idle with the runtime imported.
 
 Each component runs in its own session (process group) and gets SIGKILL when this process
 dies (Linux: PR_SET_PDEATHSIG, as the supervisor does for its workers). `stop()` is
@@ -64,10 +65,11 @@ class StackConfig:
     streams app serves the same names). policy: the autoscaler policy. streams_config: the
     EMBER_STREAMS_CONFIG document (per-model slots, admission / placement / scaling fields,
     autoscaler tuning), written to `<log_dir>/streams.json`. prestart: the supervisor's
-    pre-started pool. tick_s: the streams timer (placement and autoscaler). max_batch: batch
-    slots of each worker. supervisor_args: more `ember supervisor` options. env: more
-    environment for both components. log_dir: where the logs go (a fresh temporary directory
-    when None)."""
+    pre-started pool (`wait_prestart`: start() also waits until each has imported the runtime
+    and is idle, so the first cold start takes one). tick_s: the streams timer (placement and
+    autoscaler). max_batch: batch slots of each worker. supervisor_args: more `ember
+    supervisor` options. env: more environment for both components. log_dir: where the logs
+    go (a fresh temporary directory when None)."""
 
     models: Mapping[str, Path]
     policy: str = "ember_predictive"
@@ -84,6 +86,7 @@ class StackConfig:
     group: str | None = None
     web_port: int | None = None
     keep_group_topics: bool = False
+    wait_prestart: bool = True
     start_timeout_s: float = 120.0
     stop_timeout_s: float = 30.0
 
@@ -204,6 +207,8 @@ class LocalStack:
             deadline = time.monotonic() + self.config.start_timeout_s
             await self._wait_supervisor(deadline)
             await self._probe_streams(deadline)
+            if self.config.wait_prestart:
+                await self._wait_prestart(deadline)
         except BaseException:
             self.stop()
             raise
@@ -229,10 +234,23 @@ class LocalStack:
                 raise self._timeout("ember supervisor ready", self.supervisor)
             await asyncio.sleep(0.2)
 
+    async def _wait_prestart(self, deadline: float) -> None:
+        workers = self.log_dir / "workers"
+        while True:
+            idle = [
+                p for p in workers.glob("prestart-*.log") if b'"prestart idle"' in p.read_bytes()
+            ]
+            if len(idle) >= self.config.prestart:
+                return
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise self._timeout(f"{self.config.prestart} pre-started process(es)", None)
+            await asyncio.sleep(0.2)
+
     async def _probe_streams(self, deadline: float) -> None:
         """Until a request for an unserved model comes back `rejected`: admission's consumer
         has its partitions and reads from their end (requests sent earlier are skipped)."""
-        from schemas.client import EmberClient, RequestRejected, RequestTimeout
+        from schemas.client import EmberClient, RequestRejected
 
         async with EmberClient(self.kafka, client_id=f"stack-probe-{self.run_id}") as client:
             while True:
@@ -240,15 +258,14 @@ class LocalStack:
                 if time.monotonic() > deadline:
                     raise self._timeout("ember streams reading its topics", self.streams)
                 handle = await client.generate(
-                    f"ember-stack-probe-{self.run_id}", "probe", max_tokens=1,
-                    first_chunk_timeout_s=2.0, timeout_s=2.0,
+                    f"ember-stack-probe-{self.run_id}", "probe", max_tokens=1
                 )
-                try:
-                    await handle.result()
+                try:  # no client time-out: it would log and send a cancel
+                    await asyncio.wait_for(handle.result(), 2.0)
                 except RequestRejected:
                     return
-                except RequestTimeout:
-                    continue
+                except asyncio.TimeoutError:
+                    continue  # sent before admission read from the end; the client drops it
 
     # -- while running -----------------------------------------------------------------------
 
