@@ -18,6 +18,7 @@ options into these variables before importing it.
 | EMBER_STREAMS_OFFSET_RESET    | latest           | where a new group starts (latest: no replay) |
 | EMBER_STREAMS_TICK_S          | 1.0              | placement / autoscaler timer interval        |
 | EMBER_STREAMS_REPLICATION     | 1                | replicas of the topics Faust creates         |
+| EMBER_STREAMS_LINGER_MS       | 0                | producer linger (batching vs. latency per hop) |
 | EMBER_AUTOSCALER_POLICY       | ember_predictive | or fully_cold, always_on, knative_reactive   |
 | EMBER_AUTOSCALER_HOLD_EVERY_S | 30               | how often a repeated `hold` is published     |
 
@@ -100,6 +101,7 @@ class StreamsSettings:
     replication_factor: int = 1
     policy_name: str = "ember_predictive"
     hold_every_s: float = 30.0
+    linger_ms: float = 0.0
     models: tuple[str, ...] = ()
     config: Mapping[str, Any] = field(default_factory=dict)
 
@@ -143,6 +145,7 @@ class StreamsSettings:
                     "EMBER_AUTOSCALER_POLICY", autoscaler.get("policy", cls.policy_name)
                 ),
                 hold_every_s=float(env.get("EMBER_AUTOSCALER_HOLD_EVERY_S", cls.hold_every_s)),
+                linger_ms=float(env.get("EMBER_STREAMS_LINGER_MS", cls.linger_ms)),
                 models=tuple(dict.fromkeys(m for m in models if m)),
                 config=config,
             )
@@ -288,6 +291,7 @@ app = faust.App(
     # partition's batch is full: 16 KiB batches (the default) cap a busy partition at a few
     # dozen records per round trip. Placement packs a model's requests onto few partitions.
     producer_max_batch_size=512 * 1024,
+    producer_linger=SETTINGS.linger_ms / 1000,
     web_enabled=SETTINGS.web_port > 0,
     web_bind=SETTINGS.web_host,
     web_host=SETTINGS.web_host,

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -170,6 +170,27 @@ def _workers_moved(old: PlacementState, new: PlacementState) -> bool:
     )
 
 
+def _queue_change(
+    before: tuple[AdmittedRequest, ...], after: tuple[AdmittedRequest, ...]
+) -> tuple[Sequence[AdmittedRequest], Sequence[AdmittedRequest]]:
+    """(added, removed) between two versions of a pending queue. A request that arrived is
+    appended and drained ones leave the head: those are slice comparisons (identity first,
+    in C); anything else compares ids."""
+    if before is after:
+        return (), ()
+    nb, na = len(before), len(after)
+    if na >= nb and after[:nb] == before:
+        return after[nb:], ()
+    if na <= nb and before[nb - na :] == after:
+        return (), before[: nb - na]
+    before_ids = {r.request_id for r in before}
+    after_ids = {r.request_id for r in after}
+    return (
+        [r for r in after if r.request_id not in before_ids],
+        [r for r in before if r.request_id not in after_ids],
+    )
+
+
 def _head_changed(old: PlacementState, new: PlacementState) -> bool:
     return (
         old.workers is not new.workers
@@ -213,11 +234,20 @@ class PlacementStore:
         self._dirty.clear()
 
     def put(
-        self, old: PlacementState, new: PlacementState, encoded: Mapping[str, bytes] = {}
+        self,
+        old: PlacementState,
+        new: PlacementState,
+        encoded: Mapping[str, bytes] = {},
+        placed: Iterable[str] = (),
     ) -> None:
         """Remember `new` and write what differs from `old`. Call inside the model's partition
         (an event of the model, or `writing_for(model)`). `encoded`: request id -> the msgpack
-        of that request as it is in `new`, where the caller has it already."""
+        of that request as it is in `new`, where the caller has it already; `placed`: the ids
+        the step placed (new in flight, or re-placed under the same id).
+
+        The cost follows the change, not the queue: in-flight rows are found by set
+        operations on the keys (in C), and a queue that only grew at its tail or shrank at
+        its head (admission, draining) is compared by slices."""
         model = new.model
         self._states[model] = new
         if _workers_moved(old, new):
@@ -226,31 +256,26 @@ class PlacementStore:
         elif _head_changed(old, new):
             self._dirty.add(model)
         requests = self._requests
-        for rid, flight in new.in_flight.items():
-            before = old.in_flight.get(rid)
-            if before is not flight and (before is None or before.request is not flight.request):
-                value = encoded.get(rid) or encode(flight.request)
-                requests[rid] = _request_row(model, IN_FLIGHT, value, flight.seen)
-        gone = set(old.in_flight.keys() - new.in_flight.keys())
-        queued: set[str] | None = None
+        before, after = old.in_flight, new.in_flight
+        gone: set[str] = set()
+        if before is not after:
+            for rid in (after.keys() - before.keys()) | set(placed):
+                flight = after.get(rid)
+                if flight is not None:
+                    value = encoded.get(rid) or encode(flight.request)
+                    requests[rid] = _request_row(model, IN_FLIGHT, value, flight.seen)
+            gone = set(before.keys() - after.keys())
+        queued: set[str] = set()
         for cls in LATENCY_CLASSES:
-            before, after = old.queued(cls), new.queued(cls)
-            if before is after:
-                continue
-            before_ids = {r.request_id for r in before}
-            after_ids = {r.request_id for r in after}
-            for request in after:
+            added, removed = _queue_change(old.queued(cls), new.queued(cls))
+            for request in added:
                 rid = request.request_id
-                if rid not in before_ids:
-                    value = encoded.get(rid) or encode(request)
-                    requests[rid] = _request_row(model, PENDING, value, False)
-            gone |= before_ids - after_ids
+                queued.add(rid)
+                value = encoded.get(rid) or encode(request)
+                requests[rid] = _request_row(model, PENDING, value, False)
+            gone.update(r.request_id for r in removed)
         for rid in gone:
-            if rid in new.in_flight:
-                continue
-            if queued is None:
-                queued = {r.request_id for q in new.pending.values() for r in q}
-            if rid not in queued and rid in requests:
+            if rid not in after and rid not in queued and rid in requests:
                 del requests[rid]
 
     def flush(self, model: str) -> None:

@@ -132,7 +132,8 @@ class Placer:
             known = dict(encoded or {})
             for p in step.placements:
                 known[p.request.request_id] = encode(p.request)
-            self.store.put(old, step.state, known)
+            placed = [p.request.request_id for p in step.placements]
+            self.store.put(old, step.state, known, placed)
         return self._outs(spec, step, now, known)
 
     def _outs(

@@ -336,3 +336,44 @@ def test_a_placed_requests_cancel_goes_to_its_workers_partition(tables: Tables) 
 def test_a_cancel_for_an_unknown_request_is_dropped(tables: Tables) -> None:
     placer = tables.placer()
     assert placer.on_record(consumed(cancel("r-9"), ADMITTED), T0) == []
+
+
+# --- the rows always rebuild the state ------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_rows_rebuild_the_same_state_after_any_sequence(tables: Tables, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    placer = tables.placer(dead_after_s=2.0, unseen_done_after_s=1.0, max_attempts=3)
+    now, n = T0, 0
+    for _ in range(200):
+        now += rng.randint(1, 400)
+        roll = rng.random()
+        if roll < 0.45:
+            n += 1
+            cls = rng.choice(["interactive", "batch", "eval"])
+            feed(placer, admitted(f"r-{n}", cls, now), at=now)
+        elif roll < 0.75:
+            worker = f"w-{rng.randint(1, 3)}"
+            busy = placer.store.get(MODEL).workers.get(worker)
+            listed = tuple(sorted(busy.assigned))[: rng.randint(0, 2)] if busy else ()
+            [state_event, heartbeat] = ready(worker, int(worker[-1]), now, slots=2, busy=listed)
+            feed(placer, *([heartbeat] if busy else [state_event, heartbeat]), at=now)
+        elif roll < 0.9:
+            placer.tick(MODEL, now)
+        elif n:
+            placer.on_record(consumed(cancel(f"r-{rng.randint(1, n)}"), ADMITTED), now)
+        live = placer.store.get(MODEL)
+        rebuilt = tables.placer().store.get(MODEL)
+        for cls in ("interactive", "batch", "eval"):
+            assert {r.request_id for r in rebuilt.queued(cls)} == {
+                r.request_id for r in live.queued(cls)
+            }
+        assert {rid: f.request.worker_id for rid, f in rebuilt.in_flight.items()} == {
+            rid: f.request.worker_id for rid, f in live.in_flight.items()
+        }
+        assert {w: v.assigned for w, v in rebuilt.workers.items()} == {
+            w: v.assigned for w, v in live.workers.items()
+        }
