@@ -58,8 +58,10 @@ ROOT = Path(__file__).resolve().parents[2]
 RUN = uuid.uuid4().hex[:8]
 GROUP = f"ember-streams-test-{RUN}"
 REPLIES = f"ember-test-replies-{RUN}"
-WARM, PENDING, DYING, PROBE = (f"st-{RUN}-{x}" for x in ("warm", "pending", "dying", "probe"))
-MODELS = (WARM, PENDING, DYING, PROBE)
+WARM, PENDING, DYING, PROBE, FULL = (
+    f"st-{RUN}-{x}" for x in ("warm", "pending", "dying", "probe", "full")
+)
+MODELS = (WARM, PENDING, DYING, PROBE, FULL)
 
 
 def now_ms() -> int:
@@ -204,7 +206,9 @@ def _config(path: Path) -> Path:
     placement = {"dead_after_s": 120.0, "unseen_done_after_s": 60.0}
     models = {m: {"slots": 4, "placement": placement} for m in MODELS}
     models[DYING] = {"slots": 4, "placement": {**placement, "dead_after_s": 3.0}}
-    path.write_text(json.dumps({"models": models}))
+    models[FULL] = {"slots": 4, "admission": {"queue_bounds": {"interactive": 8, "batch": 0}}}
+    admission = {"defer_s": 1.0, "max_defer_s": 2.5}
+    path.write_text(json.dumps({"models": models, "admission": admission}))
     return path
 
 
@@ -374,6 +378,41 @@ async def test_unknown_model_is_rejected_with_its_code(streams: Streams) -> None
     assert chunk.finish_reason == "rejected"
     assert chunk.error_code == "unknown_model"
     assert chunk.seq == 0 and chunk.worker_id is None
+
+
+async def test_batch_under_pressure_is_deferred_then_rejected_after_max_defer(
+    streams: Streams,
+) -> None:
+    """FULL takes no batch requests (bound 0): each try is deferred 1 s through the app's own
+    delay topic (created by Faust) until max_defer_s (2.5 s) is spent."""
+    req = request(FULL, latency_class="batch")
+    deferred = f"{GROUP}-deferred"
+    async with streams.tail(REPLIES, deferred) as tail:
+        await streams.send(req)
+        _, chunk = await tail.wait_for(
+            TokenChunk, REPLIES, lambda c: c.request_id == req.request_id, timeout=30
+        )
+        key = req.request_id.encode()
+        retries = [s for s in tail.records if s.topic == deferred and s.key == key]
+    assert chunk.finish_reason == "rejected" and chunk.error_code == "overloaded"
+    assert len(retries) == 2  # deferred at 0 s and 1 s; at 2 s the next retry would pass 2.5 s
+    assert chunk.emitted_at - req.submitted_at >= 2_000
+
+
+async def test_faust_created_its_own_topics(streams: Streams) -> None:
+    admin = AIOKafkaAdminClient(**streams.kafka.aiokafka_kwargs())
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if t.startswith(GROUP)]
+        described = await admin.describe_topics(names)
+    finally:
+        await admin.close()
+    partitions = {d["topic"]: len(d["partitions"]) for d in described}
+    for table in ("placement", "placement-requests", "queue-depth", "warm-pool", "arrivals",
+                  "hour-of-day", "autoscaler"):
+        assert partitions[f"{GROUP}-{table}-changelog"] == 4
+    assert partitions[f"{GROUP}-model-load-changelog"] == 1
+    assert partitions[f"{GROUP}-deferred"] == 4
 
 
 # --- placement ------------------------------------------------------------------------------
