@@ -52,7 +52,7 @@ from streams.tables import model_load
 
 log = get_logger(__name__)
 
-PRUNE_EVERY_MS = 60_000  # drop refilled tenant buckets this often
+PRUNE_EVERY_MS = 60_000  # drop refilled tenant buckets and lost deferrals this often
 
 
 def retry_at(headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None) -> int:
@@ -93,6 +93,7 @@ class Admission:
         if now - self._pruned_at >= PRUNE_EVERY_MS:
             self._pruned_at = now
             self.state = self.state.without_full_buckets(self.spec, now)
+            self._forget_lost_deferrals(now)
 
     def step(self, record: Consumed, now: int) -> list[Out]:
         """One record of `ember.requests` (or the deferred topic) in, the records to send out
@@ -140,7 +141,6 @@ class Admission:
 
     def _cancel(self, cancel: Cancel, record: Consumed, now: int) -> list[Out]:
         """Forward a cancel to placement, unchanged; remember it for a deferred request."""
-        self._forget_lost_deferrals(now)
         if cancel.request_id in self._deferred:
             self._cancelled[cancel.request_id] = cancel
         count("ember_cancels_total", model=_label(cancel.model))
