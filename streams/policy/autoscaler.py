@@ -106,7 +106,10 @@ class EmberPolicy:
 
     window_s / bucket_s: trailing windows for rate and hit rate (hopping, 10 s buckets over
     60 s). lookahead_s: how far ahead the hour-of-day profile is read. stabilization_s: the
-    scale-down window. hit_rate_target: below it, with a rising queue, the pool expands."""
+    scale-down window. hit_rate_target: below it, with a rising queue, the pool expands.
+    hour_s: the length of the profile's hour (3600; a time-compressed benchmark day shortens
+    it: an hour is trusted after `hour_s` of watching and old days fade after 7 x `hour_s`).
+    profile_max_gap_s: a longer gap between two ticks is not credited to the profile."""
 
     name: str = "ember_predictive"
     window_s: float = 60.0
@@ -114,12 +117,19 @@ class EmberPolicy:
     lookahead_s: float = 600.0
     stabilization_s: float = 120.0
     hit_rate_target: float = 0.9
+    hour_s: float = 3600.0
+    profile_max_gap_s: float = 600.0
 
     def initial_state(self) -> EmberState:
         bucket, keep = ms(self.bucket_s), 2 * ms(self.window_s)
-        return EmberState(
-            Buckets(bucket, keep), Buckets(bucket, keep), Buckets(bucket, keep), HourOfDayProfile()
+        profile = HourOfDayProfile(
+            max_gap_s=self.profile_max_gap_s,
+            max_observed_s=7 * self.hour_s,
+            min_observed_s=self.hour_s,
+            hour_ms=ms(self.hour_s),
         )
+        windows = (Buckets(bucket, keep), Buckets(bucket, keep), Buckets(bucket, keep))
+        return EmberState(*windows, profile)
 
     def state_from_dict(self, data: Mapping[str, Any]) -> EmberState:
         return EmberState.from_dict(data)

@@ -123,6 +123,31 @@ def test_the_hour_of_day_profile_prewarms_before_a_predictable_peak():
     assert [t for t, _ in actions(ticks, "scale_up")] == [0]
 
 
+def test_a_compressed_day_prewarms_like_a_real_one():
+    # The same morning with every time constant / 900: 4 s hours, lookahead 600 s -> 0.667 s.
+    # Rates and service time are real: 5/s x 4 s = 20 concurrent -> 4 workers.
+    policy = EmberPolicy(window_s=0.2, bucket_s=0.05, lookahead_s=2.0, stabilization_s=0.2,
+                         hour_s=4.0, profile_max_gap_s=1.0)
+    hour = 4_000
+    profile = policy.initial_state().profile
+    for tick in range(24 * 16):  # the day before, 0.25 s ticks: hour 9 at 5/s, else 0.2/s
+        at = T0 - 24 * hour + tick * 250
+        profile = profile.add(at, (5.0 if (at // hour) % 24 == 9 else 0.2) * 0.25)
+    state = replace(policy.initial_state(), profile=profile)
+    spec = replace(SPEC, keep_alive_s=0.3)
+    before_peak = T0 + 9 * hour - 1_000  # 08:45 in a 4 s hour: the peak is 2 s ahead
+    _, decisions = policy.decide(spec, state, observation_at(before_peak), before_peak)
+    assert decisions[0].action == "scale_up" and decisions[0].inputs["target"] == 4
+    assert decisions[0].inputs["rate_profile_per_s"] == pytest.approx(5.0)
+    early = T0 + 8 * hour - 3_000  # 07:15: only quiet hours ahead
+    _, decisions = policy.decide(spec, state, observation_at(early), early)
+    assert decisions[0].inputs["target"] == 1
+
+
+def observation_at(now: int) -> Observation:
+    return Observation(MODEL, now, (), {"interactive": 0}, 0, 0, 0, 0, 4.0)
+
+
 # --- single decisions from hand-made observations ----------------------------------------
 
 

@@ -124,3 +124,26 @@ def test_expected_rate_ahead_looks_into_the_coming_hour():
 def test_profile_round_trip():
     p = feed(HourOfDayProfile(), T0, 5, 3)
     assert HourOfDayProfile.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+
+
+def test_a_compressed_day_has_hours_of_hour_ms():
+    # a 96 s day: 4 s hours; T0 is a multiple of 96 s, so it starts hour 0
+    hour = 4_000
+    assert T0 % (24 * hour) == 0
+    assert hour_of_day(T0 + 9 * hour + 10, hour) == 9
+    p = HourOfDayProfile(max_gap_s=1.0, min_observed_s=4.0, max_observed_s=28.0, hour_ms=hour)
+    for tick in range(24 * 4 * 4):  # one day in 0.25 s ticks; hour 9: 2 arrivals a tick
+        at = T0 + tick * 250
+        p = p.add(at, 2 if hour_of_day(at, hour) == 9 else 0)
+    assert p.observed_s[9] == pytest.approx(4.0)
+    assert p.expected_rate(9) == pytest.approx(8.0)  # 32 arrivals over 4 s
+    assert p.expected_rate(8) == 0.0
+    assert p.expected_rate_ahead(T0 + 8 * hour + 3_000, 2_000) == pytest.approx(8.0)
+    assert p.expected_rate_ahead(T0 + 8 * hour, 2_000) == 0.0
+    assert HourOfDayProfile.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+
+
+def test_a_row_without_hour_ms_has_real_hours():
+    row = HourOfDayProfile().to_dict()
+    del row["hour_ms"]
+    assert HourOfDayProfile.from_dict(row).hour_ms == HOUR_MS
