@@ -2,6 +2,10 @@
 `ember supervisor` as child processes, started, probed until they really work, and stopped
 with nothing left behind.
 
+One control plane per broker: every `ember streams` reads `ember.requests`, and one that does
+not serve a request's model rejects it (`unknown_model`); point EMBER_BOOTSTRAP_SERVERS at a
+broker of your own when others run Ember on the shared one.
+
     config = StackConfig(models={"tiny": Path("models/tiny")}, policy="ember_predictive",
                          streams_config={"models": {"tiny": {"slots": 8}}}, prestart=1)
     async with LocalStack(config) as stack:     # returns once both components run
@@ -284,14 +288,16 @@ class LocalStack:
     # -- stop --------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop both components, the supervisor first (it drains its workers while placement
-        still runs), and everything they started. Safe to call twice and from atexit."""
+        """Stop both components and everything they started: the streams app first, so no
+        decision is published after the supervisor is gone (a supervisor started within its
+        `max_decision_age_s` would act on it), then the supervisor, which drains its workers
+        (requests already placed finish). Safe to call twice and from atexit."""
         if self._stopped:
             return
         self._stopped = True
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
-        components = [c for c in (self.supervisor, self.streams) if c is not None]
+        components = [c for c in (self.streams, self.supervisor) if c is not None]
         seen = {c.name: _descendants(c.process.pid) for c in components}
         for c in components:
             _terminate(c, self.config.stop_timeout_s, seen[c.name])
