@@ -32,7 +32,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -86,7 +86,9 @@ class Run:
         return self.stamps[0]
 
 
-def run_ember(engine, prompts: list[list[int]], n_tokens: int) -> tuple[list[float], list[list[int]]]:
+def run_ember(
+    engine, prompts: list[list[int]], n_tokens: int, on_step: Callable[[], None] = lambda: None
+) -> tuple[list[float], list[list[int]]]:
     from gpu_worker.engine import EngineRequest, SamplingParams
 
     params = SamplingParams(max_tokens=n_tokens, ignore_eos=True)  # greedy
@@ -98,6 +100,7 @@ def run_ember(engine, prompts: list[list[int]], n_tokens: int) -> tuple[list[flo
     while engine.has_work():
         outs = engine.step()
         stamps.append(time.perf_counter() - start)
+        on_step()
         for out in outs:
             tokens[out.request_id].extend(out.token_ids)
     return stamps, [tokens[f"bench-{i}"] for i in range(len(prompts))]
@@ -106,21 +109,26 @@ def run_ember(engine, prompts: list[list[int]], n_tokens: int) -> tuple[list[flo
 class _StepClock:
     """A transformers streamer that only notes the time of each `put` (the first is the prompt)."""
 
-    def __init__(self, start: float) -> None:
+    def __init__(self, start: float, on_step: Callable[[], None]) -> None:
         self.start = start
+        self.on_step = on_step
         self.stamps: list[float] = []
 
     def put(self, value) -> None:
         self.stamps.append(time.perf_counter() - self.start)
+        self.on_step()
 
     def end(self) -> None:
         pass
 
 
-def run_transformers(model, prompts: list[list[int]], n_tokens: int, pad_id: int) -> tuple[list[float], list[list[int]]]:
+def run_transformers(
+    model, prompts: list[list[int]], n_tokens: int, pad_id: int,
+    on_step: Callable[[], None] = lambda: None,
+) -> tuple[list[float], list[list[int]]]:
     ids = torch.tensor(prompts)  # [B, S], equal lengths: no padding
     start = time.perf_counter()
-    clock = _StepClock(start)
+    clock = _StepClock(start, on_step)
     with torch.inference_mode():
         out = model.generate(
             ids,
@@ -150,6 +158,57 @@ def read_bandwidth(src: torch.Tensor) -> float:
     start = time.perf_counter()
     src.sum()
     return src.nbytes / (time.perf_counter() - start)
+
+
+# What one decode step spends its time on, by op (self time). The rest of the wall time is
+# outside tensor ops: Python in the engine or in generate, module calls, dispatch, the profiler.
+OP_GROUPS = (
+    ("matmul (aten::mm, addmm, bmm)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("attention (scaled_dot_product_attention kernels)", ("scaled_dot_product",)),
+    ("KV cache write / grow (index_put_, cat)", ("index_put", "aten::cat")),
+)
+
+
+def profile_decode(run: Callable[[Callable[[], None]], list[float]], skip_first: int, steps: int) -> dict:
+    """Profile only the decode steps of one run: `run(on_step)` calls `on_step` once per token
+    (after `skip_first` setup calls); the prefill step is warm-up, the next `steps` are recorded."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    captured = {}
+
+    def ready(prof) -> None:
+        captured["events"] = prof.key_averages()
+
+    with profile(
+        activities=[ProfilerActivity.CPU],
+        schedule=schedule(skip_first=skip_first, wait=0, warmup=1, active=steps, repeat=1),
+        on_trace_ready=ready,
+    ) as prof:
+        stamps = run(prof.step)
+    wall_us = (stamps[-1] - stamps[0]) * 1e6
+    groups = {name: 0.0 for name, _ in OP_GROUPS}
+    groups["other tensor ops (norms, rope, silu, mul, add, views, argmax, ...)"] = 0.0
+    ops_us = 0.0
+    top: list[tuple[str, float]] = []
+    for evt in captured.get("events", []):
+        if evt.key.startswith("ProfilerStep"):
+            continue
+        self_us = evt.self_cpu_time_total
+        ops_us += self_us
+        top.append((evt.key, self_us))
+        for name, keys in OP_GROUPS:
+            if any(k in evt.key for k in keys):
+                groups[name] += self_us
+                break
+        else:
+            groups["other tensor ops (norms, rope, silu, mul, add, views, argmax, ...)"] += self_us
+    groups["outside tensor ops (Python: engine / generate loop, module calls, profiler)"] = max(0.0, wall_us - ops_us)
+    top.sort(key=lambda kv: -kv[1])
+    return {
+        "step_ms": wall_us / steps / 1e3,
+        "groups_ms": {k: v / steps / 1e3 for k, v in groups.items()},
+        "top_ops_ms": [(k, v / steps / 1e3) for k, v in top[:8]],
+    }
 
 
 # ---- model facts ---------------------------------------------------------------------------------
@@ -327,8 +386,23 @@ def benchmark(args: argparse.Namespace) -> dict:
     elapsed = time.perf_counter() - started
     del src, dst
 
-    return summarize(args, runs, copy_bw, read_bw, weights, config, dtype, threads, model_dir,
-                     load_before, elapsed)
+    profiles: dict[str, dict[str, dict]] = {}
+    if args.profile:
+        steps = min(args.tokens, 9) - 1
+        for b in batches:
+            progress(f"profiling {steps} decode steps at batch {b}")
+            profiles[str(b)] = {
+                "ember": profile_decode(
+                    lambda on_step, b=b: run_ember(engine, prompts[b], steps + 1, on_step)[0], 0, steps),
+                "transformers": profile_decode(
+                    lambda on_step, b=b: run_transformers(hf_model, prompts[b], steps + 1, pad_id, on_step)[0],
+                    1, steps),  # the prompt's put comes before the prefill
+            }
+
+    res = summarize(args, runs, copy_bw, read_bw, weights, config, dtype, threads, model_dir,
+                    load_before, elapsed)
+    res["profiles"] = profiles
+    return res
 
 
 def summarize(args, runs, copy_bw, read_bw, weights, config, dtype, threads, model_dir,
@@ -492,7 +566,36 @@ def render_markdown(res: dict) -> str:
         f"| Ember batch 1 as a share of the bound | **{bw['ember_b1_pct_of_bound']:.0f}%** |",
         "",
     ]
+    if res.get("profiles"):
+        lines += render_profiles(res["profiles"])
     return "\n".join(lines)
+
+
+def render_profiles(profiles: dict) -> list[str]:
+    lines = [
+        "## Where a decode step's time goes (torch.profiler, after the timed repeats)",
+        "",
+        "Self time of tensor ops per decode step, prefill excluded, one profiled run per engine "
+        "and batch size; the profiler adds per-op overhead, so read the shares, not the totals.",
+        "",
+    ]
+    batches = list(profiles)
+    head = " | ".join(f"b{b} Ember | b{b} transformers" for b in batches)
+    lines += [f"| ms per decode step | {head} |", "|---|" + "---:|" * (2 * len(batches))]
+    groups = list(profiles[batches[0]]["ember"]["groups_ms"])
+    for g in ["step (wall)", *groups]:
+        cells = []
+        for b in batches:
+            for name in ENGINES:
+                p = profiles[b][name]
+                cells.append(f"{p['step_ms'] if g == 'step (wall)' else p['groups_ms'][g]:.1f}")
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    lines += ["", "Top ops by self time, Ember (ms per step):", ""]
+    for b in batches:
+        top = ", ".join(f"{k} {v:.1f}" for k, v in profiles[b]["ember"]["top_ops_ms"])
+        lines.append(f"- batch {b}: {top}")
+    lines.append("")
+    return lines
 
 
 def write_results(res: dict, out: Path) -> None:
@@ -519,6 +622,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="comma-separated (default 1,4,16)")
     p.add_argument("--threads", type=int, default=default_threads(), help="torch threads for both engines (default: all cores)")
     p.add_argument("--bandwidth-samples", type=int, default=3, help="memcpy samples per repeat (default 3)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed repeats, profile 8 decode steps per engine and batch size")
     p.add_argument("--out", type=Path,
                    help="results path without suffix; .md and .json are written "
                         "(default benchmarks/results/decode_throughput for medium; tiny writes nothing)")
