@@ -337,6 +337,14 @@ class Worker:
             await self._dead_letter(record, exc)
             self._tracker.skipped(offset)
             return
+        if request.request_id in self._in_flight:
+            # Another copy of a request this worker is running: a re-placement (attempt + 1)
+            # on the partition that also holds the uncommitted original. The run in flight
+            # answers it; a terminal chunk here would end the client's stream (PROTOCOL §6.2).
+            log.info("duplicate of a request in flight ignored", request_id=request.request_id,
+                     attempt=attempt, running_attempt=self._in_flight[request.request_id].attempt)
+            self._tracker.skipped(offset)
+            return
         problem_topic = await self._reply_topic_problem(request.reply_topic)
         if problem_topic is not None:
             await self._dead_letter(record, ReplyTopicError(problem_topic), reply=False)
@@ -377,8 +385,6 @@ class Worker:
     def _precheck(self, request: Request) -> tuple[str, str, str] | None:
         if request.model != self.config.model:
             return ("rejected", "unknown_model", f"this worker serves {self.config.model!r}")
-        if request.request_id in self._in_flight:
-            return ("error", "invalid_request", "request id already in flight on this worker")
         if request.deadline_at is not None and now_ms() > request.deadline_at:
             return ("error", "deadline_exceeded", "deadline passed before the request started")
         return None

@@ -270,3 +270,37 @@ async def test_a_killed_worker_leaves_its_request_to_the_next_one(kafka_settings
     assert assembler.restarts == 1, "the survivor's stream replaced the killed worker's"
     assert {c.worker_id for c in replies.chunks[rid]} == {"survivor-2"}
     assert replies.text(rid) == expected_greedy(tiny_model, "once upon a time", 1000)
+
+
+async def test_a_second_copy_of_a_request_in_flight_is_not_answered(kafka_settings, tiny_model):
+    """A re-placed copy (attempt 2) on the partition that still holds the uncommitted
+    original, read while the original runs: one stream, one terminal chunk, the full text."""
+    model, reply = f"tiny-{uuid.uuid4().hex[:8]}", f"test.replies.{uuid.uuid4().hex[:8]}"
+    await _topics(kafka_settings, model, reply)
+    config = WorkerConfig(
+        model=model, model_dir=tiny_model, partition=0, worker_id=f"w-{uuid.uuid4().hex[:6]}",
+        max_batch=4, chunk=ChunkPolicy(max_tokens=4, max_delay_ms=20), heartbeat_interval_s=0.2,
+    )
+    worker = Worker(config, kafka_settings)
+    task = asyncio.create_task(worker.run())
+    for _ in range(600):
+        if worker.state == "ready" or task.done():
+            break
+        await asyncio.sleep(0.1)
+    assert worker.state == "ready"
+    original = admitted(model, "once upon a time", reply, max_tokens=200)
+    original = original.placed_on("w-gone", warm=True, at=now_ms())
+    again = original.placed_on("w-next", warm=True, at=now_ms())
+    assert again.attempt == 2
+    await produce(kafka_settings, config.topic, 0, msgs=[original, again])
+    replies = await collect(kafka_settings, reply, {original.request_id}, 60)
+    await asyncio.sleep(1.0)  # a second terminal chunk would come right after the first
+    replies = await collect(kafka_settings, reply, {original.request_id}, 10)
+    worker.drain()
+    assert await asyncio.wait_for(task, 30) == 0
+    rid = original.request_id
+    [last] = replies.terminals[rid]
+    assert last.finish_reason == "length"
+    assert sum(1 for c in replies.chunks[rid] if c.is_last) == 1
+    assert replies.received[rid] == len(replies.chunks[rid]), "nothing sent for the copy"
+    assert replies.text(rid) == expected_greedy(tiny_model, "once upon a time", 200)
