@@ -18,7 +18,7 @@ options into these variables before importing it.
 | EMBER_STREAMS_OFFSET_RESET    | latest           | where a new group starts (latest: no replay) |
 | EMBER_STREAMS_TICK_S          | 1.0              | placement / autoscaler timer interval        |
 | EMBER_STREAMS_REPLICATION     | 1                | replicas of the topics Faust creates         |
-| EMBER_STREAMS_LINGER_MS       | 0                | producer linger (batching vs. latency per hop) |
+| EMBER_STREAMS_LINGER_MS       | 0                | producer linger: batching vs. hop latency   |
 | EMBER_AUTOSCALER_POLICY       | ember_predictive | or fully_cold, always_on, knative_reactive   |
 | EMBER_AUTOSCALER_HOLD_EVERY_S | 30               | how often a repeated `hold` is published     |
 
@@ -341,3 +341,10 @@ deferred_topic = app.topic(
     internal=True,
 )
 RETRY_AT_HEADER = "ember-retry-at"
+
+
+def ember_topics() -> list[str]:
+    """Topics `ember streams` applies before starting: sends to them never wait."""
+    from schemas.topics import all_topics
+
+    return [spec.name for spec in all_topics(SETTINGS.models)] + [deferred_topic.get_topic_name()]

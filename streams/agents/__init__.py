@@ -6,5 +6,9 @@
 """
 
 from streams.agents import admission, autoscaler, placement
+from streams.agents.outbox import known_topics
+from streams.app import ember_topics
+
+known_topics(*ember_topics())
 
 __all__ = ["admission", "autoscaler", "placement"]

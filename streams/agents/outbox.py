@@ -11,6 +11,7 @@ counters that /metrics exposes.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import faust
+from aiokafka.errors import KafkaError
 
 from infra.logs import get_logger
 from schemas import (
@@ -156,6 +158,23 @@ def rejected_outs(
     return outs
 
 
+# Topics sends go to without a second thought: Ember's own, applied before the app starts
+# (`known_topics`), and any other topic once a send to it went through. A record for another
+# topic (a client's own reply topic) is sent in the background the first time: the producer
+# waits for an unknown topic's metadata (minutes, with Faust's request timeout), and an agent
+# must not stall on a client's typo. A topic that stays unknown for FIRST_SEND_TIMEOUT_S is
+# not written to for MISSING_FOR_S; its records are dropped with a warning and counted.
+FIRST_SEND_TIMEOUT_S = 10.0
+MISSING_FOR_S = 60.0
+_known: set[str] = set()
+_missing: dict[str, float] = {}  # topic -> monotonic time until which it counts as missing
+_first_sends: set[asyncio.Task[None]] = set()
+
+
+def known_topics(*names: str) -> None:
+    _known.update(names)
+
+
 async def send_all(outs: Iterable[Out]) -> None:
     """Hand every record to the app's producer, in order; returns once they are queued.
     Faust flushes this producer before it commits the offsets of the events that made them
@@ -163,8 +182,33 @@ async def send_all(outs: Iterable[Out]) -> None:
     are bytes already, and Faust's channel machinery costs more than the send itself."""
     producer = app.producer
     for o in outs:
-        sent = await producer.send(o.topic, o.key, o.value, o.partition, None, list(o.headers))
-        sent.add_done_callback(_log_failure)  # type: ignore[attr-defined]
+        if o.topic in _known:
+            sent = await producer.send(
+                o.topic, o.key, o.value, o.partition, None, list(o.headers)
+            )
+            sent.add_done_callback(_log_failure)  # type: ignore[attr-defined]
+        elif _missing.get(o.topic, 0.0) > time.monotonic():
+            count("ember_records_dropped_total", reason="unknown_topic")
+        else:
+            task = asyncio.ensure_future(_first_send(o))
+            _first_sends.add(task)
+            task.add_done_callback(_first_sends.discard)
+
+
+async def _first_send(o: Out) -> None:
+    try:
+        sent = await asyncio.wait_for(
+            app.producer.send(o.topic, o.key, o.value, o.partition, None, list(o.headers)),
+            FIRST_SEND_TIMEOUT_S,
+        )
+    except (asyncio.TimeoutError, KafkaError) as exc:
+        _missing[o.topic] = time.monotonic() + MISSING_FOR_S
+        count("ember_records_dropped_total", reason="unknown_topic")
+        log.warning("topic unknown: record dropped", topic=o.topic, error=repr(exc)[:200])
+        return
+    _known.add(o.topic)
+    _missing.pop(o.topic, None)
+    sent.add_done_callback(_log_failure)  # type: ignore[attr-defined]
 
 
 def _log_failure(sent: Any) -> None:

@@ -399,6 +399,17 @@ async def test_batch_under_pressure_is_deferred_then_rejected_after_max_defer(
     assert chunk.emitted_at - req.submitted_at >= 2_000
 
 
+async def test_a_reply_topic_that_does_not_exist_never_stalls_admission(
+    streams: Streams,
+) -> None:
+    lost = request(f"no-such-model-{RUN}", reply_topic=f"ember-test-nowhere-{RUN}")
+    req = request(WARM)
+    async with streams.tail(ADMITTED) as tail:
+        await streams.send(lost)  # its rejection has nowhere to go
+        await streams.send(req)
+        await tail.wait_for(AdmittedRequest, ADMITTED, lambda a: a.request_id == req.request_id, 5)
+
+
 async def test_faust_created_its_own_topics(streams: Streams) -> None:
     admin = AIOKafkaAdminClient(**streams.kafka.aiokafka_kwargs())
     await admin.start()
