@@ -1,0 +1,566 @@
+"""Control plane: latency admission + placement add to a request, and one process's throughput.
+
+Two targets, measured side by side in one run (the machine is shared and noisy, so the ratio
+is the steadier figure):
+
+- ember: one `ember streams` process (memory store, its own group and model) with fake
+  workers: `ready` workers of the model heartbeating every 250 ms with plenty of slots (no
+  model runs; placement only needs their lifecycle events). Requests go to `ember.requests`.
+- floor: a plain aiokafka forwarder doing the same two hops with no work at all (requests ->
+  admitted -> a partition of a model topic, bytes copied, private topics): what two Kafka
+  hops through one Python process cost here.
+
+Latency (unloaded): requests one at a time. For each, from handing it to the producer to this
+script's consumer having the placed record from the model topic: what going through the
+control plane adds to a request, compared with producing straight to a worker's partition
+(three Kafka hops). For ember, record CreateTimes split it into admission (request created ->
+admitted created), placement (admitted created -> placed created) and delivery (placed
+created -> read here). p50 / p95 / p99.
+
+Throughput: `--requests` requests produced as fast as this script can; the target falls
+behind and works through the backlog, so the rate at which placed records arrive is its
+capacity: reported over the middle 80 % of arrivals, with the CPU seconds the target process
+used (/proc), as requests per CPU second.
+
+    .venv/bin/python benchmarks/control_plane.py                      # ~3-5 min
+    .venv/bin/python benchmarks/control_plane.py --requests 2000 --latency-requests 100 --runs 1
+
+Writes benchmarks/results/control_plane.md (and prints it). The machine's load average is
+recorded with the results: other work on it slows everything measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import msgpack
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from infra.settings import KafkaSettings  # noqa: E402
+from infra.topics import apply_topics  # noqa: E402
+from schemas import LifecycleEvent, Request, encode, record_for  # noqa: E402
+from schemas.topics import (  # noqa: E402
+    ADMITTED,
+    CONTROL_PARTITIONS,
+    LIFECYCLE,
+    REQUESTS,
+    TopicSpec,
+    model_topic_name,
+)
+
+RESULTS = ROOT / "benchmarks" / "results"
+HEARTBEAT_S = 0.25
+SLOTS = 4096
+WORKERS = 4
+
+
+def progress(msg: str) -> None:
+    print(f"[control-plane {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+# --- targets ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """A process that takes requests on `requests` and puts them on `placed` (keyed by
+    request id); `admitted` is the topic between the two hops, when its values are admitted
+    requests (ember)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    requests: str
+    placed: str
+    admitted: str | None
+    log: Path
+
+
+@contextlib.asynccontextmanager
+async def ember_target(
+    kafka: KafkaSettings, workdir: Path, profile: Path | None
+) -> AsyncIterator[Target]:
+    run = uuid.uuid4().hex[:8]
+    group, model = f"ember-bench-{run}", f"bench-{run}"
+    config = workdir / "streams.json"
+    unbounded = {"interactive": 10**6, "batch": 10**6, "eval": 10**6}
+    config.write_text(json.dumps({
+        "models": {model: {
+            "slots": SLOTS,
+            "placement": {"dead_after_s": 60.0, "unseen_done_after_s": 0.3},
+            "admission": {"queue_bounds": unbounded, "pressure_bound": 10**6,
+                          "context_tokens": 8192},
+            "scaling": {"ceiling": 64},
+        }},
+        "autoscaler": {"policy": "always_on", "workers": WORKERS},
+    }))
+    port = free_port()
+    env = {
+        **os.environ,
+        "EMBER_MODELS": model,
+        "EMBER_STREAMS_CONFIG": str(config),
+        "EMBER_STREAMS_GROUP": group,
+        "EMBER_STREAMS_STORE": "memory://",
+        "EMBER_STREAMS_WEB_PORT": str(port),
+        "EMBER_STREAMS_TICK_S": "0.5",
+    }
+    log = workdir / "streams.log"
+    profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, *profiler, "-m", "infra.cli", "--log-level", "WARNING", "streams"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    target = Target("ember", proc, REQUESTS, model_topic_name(model), ADMITTED, log)
+    producer = AIOKafkaProducer(**kafka.aiokafka_kwargs(), linger_ms=0)
+    await producer.start()
+    beats: asyncio.Task[None] | None = None
+    try:
+        await wait_http(target, f"http://127.0.0.1:{port}/ember/health/")
+        beats = asyncio.create_task(fake_workers(producer, model, WORKERS))
+        yield target
+    finally:
+        if beats is not None:
+            beats.cancel()
+            await asyncio.gather(beats, return_exceptions=True)
+        await producer.stop()
+        await stop(proc)
+        await delete_topics(kafka, lambda t: t.startswith(group) or t == target.placed)
+
+
+@contextlib.asynccontextmanager
+async def floor_target(kafka: KafkaSettings, workdir: Path) -> AsyncIterator[Target]:
+    run = uuid.uuid4().hex[:8]
+    requests, admitted, placed = (f"bench-floor-{run}-{x}" for x in ("req", "adm", "model"))
+    await apply_topics(kafka, [TopicSpec(requests, CONTROL_PARTITIONS),
+                               TopicSpec(admitted, CONTROL_PARTITIONS), TopicSpec(placed, 8)])
+    log = workdir / "floor.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--forward", requests, admitted, placed],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+        )
+    target = Target("floor", proc, requests, placed, None, log)
+    try:
+        deadline = time.monotonic() + 60
+        while b"forwarding" not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the forwarder did not start; see {log}")
+            await asyncio.sleep(0.2)
+        yield target
+    finally:
+        await stop(proc)
+        await delete_topics(kafka, lambda t: t.startswith(f"bench-floor-{run}"))
+
+
+async def wait_http(target: Target, url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if target.proc.poll() is not None:
+            raise SystemExit(f"{target.name} exited; see {target.log}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        await asyncio.sleep(0.5)
+    raise SystemExit(f"{target.name} not ready after {timeout} s; see {target.log}")
+
+
+async def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.to_thread(proc.wait, 30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def delete_topics(kafka: KafkaSettings, ours: object) -> None:
+    admin = AIOKafkaAdminClient(**kafka.aiokafka_kwargs())
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if ours(t)]  # type: ignore[operator]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
+async def fake_workers(producer: AIOKafkaProducer, model: str, count: int) -> None:
+    """`count` ready workers on partitions 0.., heartbeating with free slots and nothing
+    listed in flight (placement counts a request done `unseen_done_after_s` after placing)."""
+    ids = [f"bench-w{i}" for i in range(count)]
+    for i, w in enumerate(ids):
+        event = LifecycleEvent(worker_id=w, model=model, kind="state", state="ready",
+                               previous_state="warming", at=now_ms(), partition=i)
+        rec = record_for(event, LIFECYCLE)
+        await producer.send(rec.topic, rec.value, key=rec.key, headers=rec.headers)
+    while True:
+        for i, w in enumerate(ids):
+            event = LifecycleEvent(worker_id=w, model=model, kind="heartbeat", state="ready",
+                                   at=now_ms(), partition=i, free_slots=SLOTS,
+                                   total_slots=SLOTS, queued_tokens=0)
+            rec = record_for(event, LIFECYCLE)
+            await producer.send(rec.topic, rec.value, key=rec.key, headers=rec.headers)
+        await asyncio.sleep(HEARTBEAT_S)
+
+
+async def forward(kafka: KafkaSettings, requests: str, admitted: str, placed: str) -> None:
+    """The floor: two hops, bytes copied, nothing decided (run as `--forward`)."""
+    producer = AIOKafkaProducer(**kafka.aiokafka_kwargs(), linger_ms=0,
+                                max_batch_size=512 * 1024)
+    await producer.start()
+
+    async def hop(source: str, sink: str, partition: int | None) -> None:
+        consumer = AIOKafkaConsumer(**kafka.aiokafka_kwargs(), enable_auto_commit=False)
+        await consumer.start()
+        tps = [TopicPartition(source, p) for p in await producer.partitions_for(source)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)
+        while True:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for r in records:
+                    await producer.send(sink, r.value, key=r.key, partition=partition)
+
+    hops = [asyncio.create_task(hop(requests, admitted, None)),
+            asyncio.create_task(hop(admitted, placed, 0))]
+    print("forwarding", flush=True)
+    await asyncio.gather(*hops)
+
+
+# --- watching what comes out ------------------------------------------------------------------
+
+
+@dataclass
+class Arrival:
+    received: float  # time.time() when this script had it
+    created_ms: int  # the record's CreateTime
+
+
+@dataclass
+class Watch:
+    """Records of the target's placed topic (and admitted topic), by request id."""
+
+    admitted: dict[str, int] = field(default_factory=dict)  # request id -> CreateTime
+    placed: dict[str, Arrival] = field(default_factory=dict)
+    consumer: AIOKafkaConsumer | None = None
+    task: asyncio.Task[None] | None = None
+
+
+@contextlib.asynccontextmanager
+async def watching(
+    kafka: KafkaSettings, producer: AIOKafkaProducer, target: Target, run_id: str
+) -> AsyncIterator[Watch]:
+    w = Watch()
+    consumer = AIOKafkaConsumer(**kafka.aiokafka_kwargs(), enable_auto_commit=False,
+                                fetch_max_wait_ms=50, max_partition_fetch_bytes=8 << 20)
+    await consumer.start()
+    topics = [target.placed] + ([target.admitted] if target.admitted else [])
+    tps = [TopicPartition(t, p) for t in topics for p in await producer.partitions_for(t)]
+    consumer.assign(tps)
+    await consumer.seek_to_end(*tps)
+    for tp in tps:
+        await consumer.position(tp)
+    w.consumer = consumer
+    w.task = asyncio.create_task(read(w, target, run_id))
+    try:
+        yield w
+    finally:
+        w.task.cancel()
+        await asyncio.gather(w.task, return_exceptions=True)
+        await consumer.stop()
+
+
+async def read(w: Watch, target: Target, run_id: str) -> None:
+    """Fill `w` forever. Request ids of this run start with `run_id`."""
+    assert w.consumer is not None
+    marker = run_id.encode()
+    while True:
+        batches = await w.consumer.getmany(timeout_ms=100, max_records=10_000)
+        received = time.time()
+        for tp, records in batches.items():
+            for r in records:
+                if tp.topic == target.placed:
+                    rid = (r.key or b"").decode()
+                    if rid.startswith(run_id):
+                        w.placed.setdefault(rid, Arrival(received, r.timestamp))
+                elif marker in r.value:
+                    rid = msgpack.unpackb(r.value)["request"]["request_id"]
+                    w.admitted.setdefault(rid, r.timestamp)
+
+
+def request_bytes(model: str, rid: str) -> bytes:
+    return encode(Request(request_id=rid, model=model, submitted_at=now_ms(),
+                          prompt="Tell me about Kafka. " * 4, max_tokens=64))
+
+
+# --- the two measurements ---------------------------------------------------------------------
+
+
+@dataclass
+class Latency:
+    total_ms: list[float] = field(default_factory=list)
+    admission_ms: list[float] = field(default_factory=list)
+    placement_ms: list[float] = field(default_factory=list)
+    delivery_ms: list[float] = field(default_factory=list)
+
+
+async def measure_latency(producer: AIOKafkaProducer, w: Watch, target: Target, model: str,
+                          run_id: str, count: int, gap_s: float) -> Latency:
+    out = Latency()
+    for i in range(count):
+        rid = f"{run_id}{i:09d}"
+        value = request_bytes(model, rid)
+        sent = time.time()
+        created = now_ms()
+        await producer.send(target.requests, value, key=rid.encode(), timestamp_ms=created)
+        deadline = time.monotonic() + 10
+        while rid not in w.placed and time.monotonic() < deadline:
+            await asyncio.sleep(0.0005)
+        arrival = w.placed.get(rid)
+        if arrival is None:
+            progress(f"{target.name}: request {rid} not placed within 10 s")
+            continue
+        out.total_ms.append((arrival.received - sent) * 1000)
+        admitted_at = w.admitted.get(rid)
+        if admitted_at is not None:
+            out.admission_ms.append(admitted_at - created)
+            out.placement_ms.append(arrival.created_ms - admitted_at)
+            out.delivery_ms.append(arrival.received * 1000 - arrival.created_ms)
+        await asyncio.sleep(gap_s)
+    return out
+
+
+@dataclass
+class Throughput:
+    target: str
+    requests: int
+    placed: int
+    window_rate: float  # placed per second over the middle 80 % of arrivals
+    overall_rate: float  # placed / (last arrival - first send)
+    cpu_s: float  # target process CPU seconds from first send to last arrival
+    load: float  # 1-minute load average at the end
+
+    @property
+    def per_cpu_s(self) -> float:
+        return self.placed / self.cpu_s if self.cpu_s > 0 else float("nan")
+
+
+async def measure_throughput(producer: AIOKafkaProducer, w: Watch, target: Target, model: str,
+                             run_id: str, count: int) -> Throughput:
+    ids = [f"{run_id}{i:09d}" for i in range(count)]
+    values = [request_bytes(model, rid) for rid in ids]
+    cpu0 = cpu_seconds(target.proc.pid)
+    start = time.time()
+    for rid, value in zip(ids, values):
+        await producer.send(target.requests, value, key=rid.encode())
+    await producer.flush()
+    deadline = time.monotonic() + max(90.0, count / 100)
+    while time.monotonic() < deadline and sum(rid in w.placed for rid in ids) < count:
+        await asyncio.sleep(0.2)
+    cpu = cpu_seconds(target.proc.pid) - cpu0
+    times = sorted(w.placed[rid].received for rid in ids if rid in w.placed)
+    lo, hi = len(times) // 10, (len(times) * 9) // 10
+    rate = (hi - lo) / (times[hi] - times[lo]) if hi > lo and times[hi] > times[lo] else 0.0
+    overall = len(times) / (times[-1] - start) if times else 0.0
+    return Throughput(target.name, count, len(times), rate, overall, cpu, load_average())
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def report(args: argparse.Namespace, lat: dict[str, Latency], thr: list[Throughput],
+           loads: list[float]) -> str:
+    def row(name: str, values: list[float]) -> str:
+        if not values:
+            return f"| {name} | - | - | - | 0 |"
+        return (f"| {name} | {percentile(values, 0.5):.1f} | {percentile(values, 0.95):.1f} | "
+                f"{percentile(values, 0.99):.1f} | {len(values)} |")
+
+    def median(target: str, attr: str) -> float:
+        values = [getattr(t, attr) for t in thr if t.target == target]
+        return statistics.median(values) if values else float("nan")
+
+    ember, floor = lat["ember"], lat.get("floor", Latency())
+    p50 = percentile(ember.total_ms, 0.5) if ember.total_ms else float("inf")
+    rate = median("ember", "overall_rate")
+    lines = [
+        "# Control plane: admission + placement latency and throughput",
+        "",
+        f"Run {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {platform.node()} "
+        f"({os.cpu_count()} cores, shared; 1-minute load average during the run "
+        f"{min(loads):.1f}-{max(loads):.1f}; Python {platform.python_version()}); local Kafka "
+        f"broker on loopback; one `ember streams` process (memory store) with {WORKERS} fake "
+        "ready workers; `floor` is a plain aiokafka forwarder doing the same two hops with no "
+        "work (see the script's docstring).",
+        "",
+        f"    {shlex.join([Path(sys.executable).name, *sys.argv])}",
+        "",
+        f"## Latency added to a request (unloaded, {args.latency_requests} requests one at a "
+        "time)",
+        "",
+        "From handing the request to the producer until the placed record is read from the "
+        "worker's partition (three Kafka hops); ember's stages from record CreateTimes.",
+        "",
+        "| ms | p50 | p95 | p99 | n |",
+        "|---|---|---|---|---|",
+        row("**ember: requests -> placed on the model topic**", ember.total_ms),
+        row("ember admission (request created -> admitted created)", ember.admission_ms),
+        row("ember placement (admitted created -> placed created)", ember.placement_ms),
+        row("ember delivery (placed created -> read by the client)", ember.delivery_ms),
+        row("floor: the same three hops, no work", floor.total_ms),
+        "",
+        f"Target p50 < 20 ms: **{'met' if p50 < 20 else 'not met'}** ({p50:.1f} ms).",
+        "",
+        f"## Throughput of one process ({args.runs} runs of {args.requests} requests per target,"
+        " alternating)",
+        "",
+        "Requests produced as fast as possible; the target works through the backlog. placed/s:"
+        " all placed / (last placed arrival - first send); middle 80 %: over the middle 80 % of"
+        " arrivals (ramp-up and tail left out).",
+        "",
+        "| run | target | placed | placed/s | middle 80 % | process CPU s | placed per CPU s |"
+        " load avg |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, t in enumerate(thr, 1):
+        lines.append(
+            f"| {i} | {t.target} | {t.placed}/{t.requests} | {t.overall_rate:.0f} | "
+            f"{t.window_rate:.0f} | {t.cpu_s:.1f} | {t.per_cpu_s:.0f} | {t.load:.1f} |"
+        )
+    floor_rate = median("floor", "overall_rate")
+    lines += [
+        "",
+        f"ember, median: **{rate:.0f} requests/s** through admission and placement "
+        f"({median('ember', 'per_cpu_s'):.0f} per CPU second of the streams process); target "
+        f">= 1,000/s: **{'met' if rate >= 1000 else 'not met'}**. floor, median: "
+        f"{floor_rate:.0f}/s ({median('floor', 'per_cpu_s'):.0f} per CPU "
+        f"second).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+async def main(args: argparse.Namespace) -> str:
+    kafka = KafkaSettings.from_env()
+    lat: dict[str, Latency] = {}
+    thr: list[Throughput] = []
+    loads = [load_average()]
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        producer = AIOKafkaProducer(**kafka.aiokafka_kwargs(), acks="all", linger_ms=0,
+                                    max_batch_size=1 << 20)
+        await producer.start()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                ember = await stack.enter_async_context(ember_target(kafka, workdir, args.profile))
+                targets = [ember]
+                if not args.no_floor:
+                    targets.append(await stack.enter_async_context(floor_target(kafka, workdir)))
+                model = ember.placed.removeprefix("ember.model.")
+                progress(f"targets ready: {', '.join(t.name for t in targets)}")
+                watches = {}
+                for t in targets:
+                    run_id = f"b{uuid.uuid4().hex[:6]}-"
+                    w = await stack.enter_async_context(watching(kafka, producer, t, run_id))
+                    watches[t.name] = (w, run_id)
+                for t in targets:
+                    w, run_id = watches[t.name]
+                    progress(f"{t.name}: warm-up, then latency of {args.latency_requests}")
+                    await measure_latency(producer, w, t, model, run_id + "w", 50, 0.01)
+                    lat[t.name] = await measure_latency(
+                        producer, w, t, model, run_id + "l", args.latency_requests, args.gap_s
+                    )
+                    loads.append(load_average())
+                for i in range(args.runs):
+                    for t in targets if i % 2 == 0 else targets[::-1]:
+                        w, run_id = watches[t.name]
+                        await asyncio.sleep(2.0)  # in-flight counts drain between runs
+                        result = await measure_throughput(
+                            producer, w, t, model, f"{run_id}{i}-", args.requests
+                        )
+                        thr.append(result)
+                        loads.append(result.load)
+                        progress(f"{t.name} run {i + 1}/{args.runs}: "
+                                 f"{result.overall_rate:.0f} placed/s")
+        finally:
+            await producer.stop()
+    return report(args, lat, thr, loads)
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency-requests", type=int, default=500)
+    parser.add_argument("--gap-s", type=float, default=0.02, help="pause between them")
+    parser.add_argument("--requests", type=int, default=10_000, help="per throughput run")
+    parser.add_argument("--runs", type=int, default=3, help="throughput runs per target")
+    parser.add_argument("--no-floor", action="store_true", help="measure ember only")
+    parser.add_argument("--out", type=Path, default=RESULTS / "control_plane.md")
+    parser.add_argument("--profile", type=Path, help="cProfile the streams process into PATH")
+    parser.add_argument("--workdir", type=Path, help="keep the streams config and logs here")
+    parser.add_argument("--forward", nargs=3, metavar="TOPIC", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    arguments = parse()
+    if arguments.forward:
+        asyncio.run(forward(KafkaSettings.from_env(), *arguments.forward))
+        sys.exit(0)
+    text = asyncio.run(main(arguments))
+    arguments.out.parent.mkdir(parents=True, exist_ok=True)
+    arguments.out.write_text(text)
+    print(text)
