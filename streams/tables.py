@@ -331,10 +331,15 @@ def in_flight_by_class(state: PlacementState) -> dict[str, int]:
 class ObservationRecorder:
     """Writes a model's observation into the metric tables once per tick. Counters become
     window increments by difference with the previous tick (the first tick of a process is
-    the baseline)."""
+    the baseline). `hour_s`: the length of the profile's hours (shorter in a benchmark that
+    compresses a day, like the autoscaler's `hour_s`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hour_s: float = 3600.0) -> None:
         self._previous: dict[str, tuple[int, int, int]] = {}
+        self._hour_ms = round(hour_s * 1000)
+
+    def _new_profile(self) -> HourOfDayProfile:
+        return HourOfDayProfile(hour_ms=self._hour_ms)
 
     def record(self, state: PlacementState, obs: Observation, now: int) -> None:
         """Call inside `writing_for(obs.model)`."""
@@ -361,7 +366,7 @@ class ObservationRecorder:
         if new_cold:
             cold_placements[model] += new_cold
         row = hourly.get(model)
-        profile = HourOfDayProfile() if row is None else HourOfDayProfile.from_dict(row)
+        profile = self._new_profile() if row is None else HourOfDayProfile.from_dict(row)
         hourly[model] = profile.add(now, new_arrivals).to_dict()
 
         load = ModelLoad.from_observation(obs).to_dict()
@@ -399,4 +404,5 @@ def expected_rate(model: str, now: int) -> float | None:
     row = hourly.get(model)
     if row is None:
         return None
-    return HourOfDayProfile.from_dict(row).expected_rate(hour_of_day(now))
+    profile = HourOfDayProfile.from_dict(row)
+    return profile.expected_rate(hour_of_day(now, profile.hour_ms))

@@ -98,7 +98,9 @@ def _summary(decision: ScaleDecision) -> dict[str, Any]:
     }
 
 
-RECORDER = ObservationRecorder()
+RECORDER = ObservationRecorder(
+    float((SETTINGS.config.get("autoscaler") or {}).get("hour_s", 3600.0))
+)
 AUTOSCALER = Autoscaler(
     SETTINGS.scaling_policy(),
     {m: s.scaling for m, s in SETTINGS.model_specs().items()},

@@ -164,7 +164,7 @@ def rejected_outs(
 # waits for an unknown topic's metadata (minutes, with Faust's request timeout), and an agent
 # must not stall on a client's typo. A topic that stays unknown for FIRST_SEND_TIMEOUT_S is
 # not written to for MISSING_FOR_S; its records are dropped with a warning and counted.
-FIRST_SEND_TIMEOUT_S = 10.0
+FIRST_SEND_TIMEOUT_S = 5.0
 MISSING_FOR_S = 60.0
 _known: set[str] = set()
 _missing: dict[str, float] = {}  # topic -> monotonic time until which it counts as missing
