@@ -445,10 +445,15 @@ class Tail:
             max_partition_fetch_bytes=4 << 20,
         )
         await self._consumer.start()
-        await asyncio.wait_for(self._consumer.topics(), 10)  # fetches the metadata
-        tps = [TopicPartition(topic, p) for topic in self.topics
-               for p in sorted(self._consumer.partitions_for_topic(topic) or ())]
-        assert {tp.topic for tp in tps} == set(self.topics), f"missing topics: {self.topics}"
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(**self.kafka.aiokafka_kwargs())
+        await producer.start()
+        try:  # the producer asks for each topic's metadata (a new topic may take a moment)
+            tps = [TopicPartition(topic, p) for topic in self.topics
+                   for p in sorted(await asyncio.wait_for(producer.partitions_for(topic), 30))]
+        finally:
+            await producer.stop()
         self._consumer.assign(tps)
         await self._consumer.seek_to_end(*tps)
         for tp in tps:
