@@ -43,3 +43,10 @@ bench-decode: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The reliability suite's long form (faults, fuzzed input, sustained load) as a table, also
+# written to benchmarks/results/reliability.md. Runs its own broker; `make test` runs the
+# short form.
+.PHONY: reliability
+reliability: setup
+	$(BIN)/python benchmarks/reliability.py

@@ -169,12 +169,14 @@ async def fuzz(stack: Stack, client: Any, references: Any, target: str) -> Row:
     assert stack.local.running(), "a stack component died"
     dead = {w: p for w, p in alive.items() if stack.worker_pids().get(w) != p}
     c = traffic.counts()
-    lost = len(missing) + len(unanswered) + c["lost"]
+    unmet = {i for i, (p, e) in enumerate(zip(placed, expects, strict=True))
+             if p in missing or e.request_id in unanswered}
+    lost = len(unmet) + c["lost"]
     row = Row(
         f"fuzz: {topic if target == ADMISSION else 'model topic'} ({target}), "
         f"{n} cases + valid traffic",
         submitted=n + c["submitted"], completed=c["completed"],
-        rejected=len(want & set(got)) + len(set(wanted) - set(unanswered)),
+        rejected=n - len(unmet),  # every bad record answered as the protocol says
         failed=c["failed"], lost=lost,
         duplicates=len(extra) + len(twice) + len(duplicated) + len(strangers) + c["duplicates"],
         recovery_s=None,
