@@ -127,7 +127,7 @@ async def fuzz(stack: Stack, client: Any, references: Any, target: str) -> Row:
         placed = await produce(stack.kafka, topic, partition, records)
         produced_s = time.monotonic() - t1
         letters, chunks = await _answers(tail, topic, placed, expects, reply,
-                                         timeout_s=60 + 0.03 * n)
+                                         timeout_s=60 + 0.15 * n)
         answered_s = time.monotonic() - t1
     finally:
         sending.cancel()
