@@ -1,37 +1,53 @@
 """Traffic profiles end to end, each under each autoscaler policy, in one run.
 
-    .venv/bin/python benchmarks/traffic.py                    # all 4 profiles x 4 policies, ~25 min
-    .venv/bin/python benchmarks/traffic.py --smoke            # shortened profiles, ~8 min, no files
-    .venv/bin/python benchmarks/traffic.py --profiles sawtooth --policies ember_predictive,fully_cold
+    .venv/bin/python benchmarks/traffic.py               # 4 profiles x 4 policies, ~25 min
+    .venv/bin/python benchmarks/traffic.py --smoke       # shortened, ~10 min, writes nothing
+    .venv/bin/python benchmarks/traffic.py --profiles sawtooth --policies ember_predictive,always_on
 
 Every run is the production path: a fresh `ember streams` (admission, placement, the policy
-under test) and `ember supervisor` (one pre-started process, workers on the tiny model) started
+under test) and `ember supervisor` (two pre-started processes, workers on the tiny model) started
 by infra.stack.LocalStack on the broker of EMBER_BOOTSTRAP_SERVERS, and one SDK client
 (`EmberClient.private`) submitting the profile's requests to `ember.requests` on schedule.
 
 Time compression. A profile is written in profile seconds and played `compress` times faster:
-1 real second = `compress` profile seconds (20 for idle-to-burst, sawtooth and mixed; 1200
-for diurnal, whose 24 h day then lasts 72 s, a 3 s hour). Rates stay requests per real second:
-compression shortens time, it cannot make the model faster. The policies' time constants are
-profile time too, so they are divided by the same factor through the streams config
-(`--config` JSON, see `policy_config`): keep-alive (ScalingSpec.keep_alive_s, 300 s),
-Ember's rate window, bucket, stabilization window and lookahead (60, 10, 120, 600 s) and its
-hour of day (`hour_s`, 3600 s), Knative's stable and panic windows, scale-to-zero grace and
-sample bucket (60, 6, 30, 1 s). Two rules keep them meaningful on a timer: none goes under
-`2 x tick` (0.5 s: the streams timer runs every 0.25 s, a shorter window holds no sample), and
-windows are whole numbers of their buckets, buckets whole ticks. The profile's `max_gap_s`
-(600 s) is not under 4 ticks. What describes the machine is not compressed: service time,
-launch grace, heartbeat and dead-worker timeouts. At 20x: keep-alive 15 s, Ember window 3 s
-(0.5 s buckets), stabilization 6 s, lookahead 30 s; Knative stable 3 s, panic 0.5 s
-(0.3 s raised to the floor), to zero after 3 + 1.5 s. At 1200x: every window 0.5 s, hour 3 s.
+1 real second = 30 profile seconds for idle-to-burst, sawtooth and mixed (`--compress`), and
+1200 for diurnal, whose 24 h day then lasts 72 s, a 3 s hour (`--day-s`). Rates stay requests
+per real second: compression shortens time, it cannot make the model faster. The policies'
+time constants are profile time too, so `policy_config` divides them by the same factor in the
+streams config (`ember streams --config`, EMBER_STREAMS_CONFIG); production value, key, at
+30x, at 1200x:
+
+    keep-alive 300 s        models.tiny.scaling.keep_alive_s     10 s       0.5 s*
+    Ember window / bucket   autoscaler.window_s / bucket_s       2 / 0.5 s  0.5 / 0.25 s*
+      60 s / 10 s
+    Ember stabilization     autoscaler.stabilization_s           4 s        0.5 s*
+      120 s
+    Ember lookahead 600 s   autoscaler.lookahead_s               20 s       0.5 s
+    Ember hour 3600 s       autoscaler.hour_s                    120 s      3 s
+    Ember profile max gap   autoscaler.profile_max_gap_s         20 s       1 s*
+      600 s
+    Knative stable / panic  autoscaler.stable_window_s /         2 / 0.5 s* 0.5 / 0.5 s*
+      window 60 s / 6 s       panic_window_s
+    Knative grace / sample  autoscaler.scale_to_zero_grace_s /   1 / 0.25 s* 0.5 / 0.25 s*
+      bucket 30 s / 1 s       sample_bucket_s
+
+(*) raised to a floor: no window under 2 ticks (0.5 s; the streams timer runs every 0.25 s and
+a shorter window holds no sample), buckets whole ticks, windows whole buckets, the profile's
+max gap at least 4 ticks. What describes the machine is not compressed: service time
+(`default_service_s` 1 s, the tiny model's, for every policy), launch grace, heartbeats and
+dead-worker timeouts, and the cold start itself (1-2 s here: 30-60 profile seconds at 30x, a
+7B-like cold start; at 1200x it is most of a profile hour).
 
 Fairness: every policy serves the same arrivals (seeded, per profile), on the same stack
-(ceiling 3 workers, 8 slots, one pre-started process), started fresh per run. Always-on's 2
-workers are ready before its clock starts; the other policies start from an empty pool (their
-idle state). Ember's diurnal run plays one compressed day first to learn its hour-of-day
-profile (learning is the point of the policy), and is measured on the second; the baselines
-keep no memory across days and are measured on one day. Diurnal runs start at a night hour,
-so every measured day holds the same arrivals.
+(ceiling 2 workers, 8 slots each, two pre-started processes), started fresh per run.
+Always-on keeps the ceiling's 2 workers (the best latency this stack gives; on 2 cores one
+worker carries every profile's peak, so always-on at 1 would cost half); they are ready before
+its clock starts, and the other policies start from an empty pool (their idle state). Ember's
+diurnal run plays one compressed day first to learn its hour-of-day profile (learning is the
+point of the policy) and is measured on the second; the baselines keep no memory across days
+and are measured on one day. Diurnal runs start at a night hour, so every measured day holds
+the same arrivals. Profiles are run one after the other, the policies' order rotated per
+profile.
 
 Measured per (profile, policy), in real milliseconds: TTFT (submit -> first token at the
 client) p50/p95 of warm, cold and all requests, median decode tokens/s per request, workers
@@ -55,6 +71,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -86,7 +103,7 @@ PROFILES = ("idle_to_burst", "sawtooth", "mixed", "diurnal")
 TICK_S = 0.25
 SLOTS = 8
 CEILING = 2  # two CPU cores: a third CPU-bound worker adds contention, not capacity
-ALWAYS_ON_WORKERS = 2  # the peaks want 2: 8 req/s x ~0.8 s = 6.4 concurrent > 8 slots x 0.7
+ALWAYS_ON_WORKERS = 2  # the ceiling: the best latency this stack can give
 SERVICE_S = 1.0  # ScalingSpec.default_service_s for the tiny model here (5 s is a 7B's)
 HOUR = 3600.0
 WORDS = "the a fox river light stone garden city winter music paper window road".split()
@@ -140,8 +157,8 @@ def profiles(compress: float, day_s: float, scale: float = 1.0) -> dict[str, Pro
     """The four profiles; `scale` < 1 shortens them (smoke mode)."""
     s = scale
     tooth, ramp = 600 * s, 360 * s
-    teeth = [(i * tooth, i * tooth + ramp, 0.5, 8.0) for i in range(3)]
-    bursts = [(150 * s, 390 * s, 6.0, 6.0), (600 * s, 840 * s, 6.0, 6.0)]
+    teeth = [(i * tooth, i * tooth + ramp, 0.3, 4.0) for i in range(3)]
+    bursts = [(150 * s, 390 * s, 3.0, 3.0), (600 * s, 840 * s, 3.0, 3.0)]
     day_compress = 24 * HOUR / day_s
     return {
         p.name: p
@@ -149,27 +166,27 @@ def profiles(compress: float, day_s: float, scale: float = 1.0) -> dict[str, Pro
             Profile(
                 "idle_to_burst", compress, (180 + 600 + 300 + 90) * s,
                 (("interactive", 24, _steps(
-                    (0, 180 * s, 0.3, 0.3), (780 * s, 1080 * s, 8.0, 8.0))),),
+                    (0, 180 * s, 0.3, 0.3), (780 * s, 1080 * s, 4.0, 4.0))),),
                 "0.3 req/s for 180 s, idle 600 s (longer than keep-alive + stabilization), "
-                "8 req/s for 300 s, 90 s quiet",
+                "4 req/s for 300 s, 90 s quiet",
             ),
             Profile(
                 "sawtooth", compress, 3 * tooth + 60 * s,
                 (("interactive", 24, _steps(*teeth)),),
-                "3 teeth of 600 s: 0.5 -> 8 req/s over 360 s, then 240 s quiet; 60 s quiet",
+                "3 teeth of 600 s: 0.3 -> 4 req/s over 360 s, then 240 s quiet; 60 s quiet",
             ),
             Profile(
                 "mixed", compress, 1200 * s + 90 * s,
-                (("batch", 64, _steps((0, 1200 * s, 1.5, 1.5))),
+                (("batch", 64, _steps((0, 1200 * s, 1.0, 1.0))),
                  ("interactive", 16, _steps(*bursts))),
-                "batch 1.5 req/s (64 tokens) for 1200 s under interactive bursts of 6 req/s "
+                "batch 1 req/s (64 tokens) for 1200 s under interactive bursts of 3 req/s "
                 "(16 tokens) at 150-390 and 600-840 s; 90 s quiet",
             ),
             Profile(
                 "diurnal", day_compress, 24 * HOUR,
-                (("interactive", 24, _diurnal(4.0 * 0.8)),
-                 ("batch", 48, _diurnal(4.0 * 0.2))),
-                "business hours: none at night, sin^2 from 06:00 to 21:00 peaking at 4 req/s "
+                (("interactive", 24, _diurnal(3.0 * 0.8)),
+                 ("batch", 48, _diurnal(3.0 * 0.2))),
+                "business hours: none at night, sin^2 from 06:00 to 21:00 peaking at 3 req/s "
                 "at 13:30 (80 % interactive 24 tokens, 20 % batch 48 tokens)",
                 daily=True,
             ),
@@ -217,25 +234,42 @@ def _scaled(seconds: float, compress: float, floor: float, step: float | None = 
     return round(value, 6)
 
 
-def policy_config(policy: str, compress: float, tick_s: float = TICK_S) -> dict[str, Any]:
+# Ember's settings in profile time (EmberPolicy and ScalingSpec defaults); `--ember-set`
+# changes them for a run, before compression.
+EMBER_DEFAULTS: dict[str, float] = {
+    "keep_alive_s": 300.0,
+    "window_s": 60.0,
+    "bucket_s": 10.0,
+    "stabilization_s": 120.0,
+    "lookahead_s": 600.0,
+    "hit_rate_target": 0.9,
+}
+
+
+def policy_config(
+    policy: str, compress: float, tick_s: float = TICK_S, ember: dict[str, float] | None = None
+) -> dict[str, Any]:
     """The EMBER_STREAMS_CONFIG of one run: the policies' profile-time constants / compress."""
+    e = {**EMBER_DEFAULTS, **(ember or {})}
     floor = 2 * tick_s
+    keep_alive = e["keep_alive_s"] if policy == "ember_predictive" else 300.0
     scaling: dict[str, Any] = {
         "floor": 0,
         "ceiling": CEILING,
-        "keep_alive_s": _scaled(300, compress, floor),
+        "keep_alive_s": _scaled(keep_alive, compress, floor),
         "default_service_s": SERVICE_S,
     }
     autoscaler: dict[str, Any] = {}
     if policy == "ember_predictive":
-        bucket = _scaled(10, compress, tick_s, tick_s)
+        bucket = _scaled(e["bucket_s"], compress, tick_s, tick_s)
         autoscaler = {
             "bucket_s": bucket,
-            "window_s": _scaled(60, compress, max(floor, 2 * bucket), bucket),
-            "stabilization_s": _scaled(120, compress, floor),
-            "lookahead_s": _scaled(600, compress, floor),
+            "window_s": _scaled(e["window_s"], compress, max(floor, 2 * bucket), bucket),
+            "stabilization_s": _scaled(e["stabilization_s"], compress, floor),
+            "lookahead_s": _scaled(e["lookahead_s"], compress, floor),
             "hour_s": round(HOUR / compress, 6),
             "profile_max_gap_s": _scaled(600, compress, 4 * tick_s),
+            "hit_rate_target": e["hit_rate_target"],
         }
     elif policy == "knative_reactive":
         bucket = _scaled(1, compress, tick_s, tick_s)
@@ -417,12 +451,14 @@ async def run_one(
     client: EmberClient, replies: Tail, args: argparse.Namespace,
 ) -> RunResult:
     wall0 = time.monotonic()
-    config = policy_config(policy, profile.compress, args.tick_s)
+    config = policy_config(policy, profile.compress, args.tick_s, args.ember_set)
+    log_dir = args.log_dir / f"{profile.name}-{policy}"
+    shutil.rmtree(log_dir, ignore_errors=True)  # this run's logs only
     stack = LocalStack(
         StackConfig(
             models={MODEL: args.model_dir}, policy=policy, streams_config=config,
             prestart=args.prestart, tick_s=args.tick_s, max_batch=SLOTS,
-            log_dir=args.log_dir / f"{profile.name}-{policy}", log_level="INFO",
+            log_dir=log_dir, log_level="INFO",
         ),
         kafka,
     )
@@ -464,13 +500,21 @@ async def run_one(
         events.setdefault(e.worker_id, []).append(((e.at - t0_ms) / 1000, e.state))
     for timeline in events.values():
         timeline.sort()
-    terminals: dict[str, set[tuple[int, int]]] = {}
-    for chunk in replies.items:
-        terminals.setdefault(chunk.request_id, set()).add((chunk.attempt, chunk.seq))
+    terminals: dict[str, dict[tuple[int, int], TokenChunk]] = {}
+    for chunk in replies.items:  # distinct terminal chunks: a redelivered copy is one
+        terminals.setdefault(chunk.request_id, {})[(chunk.attempt, chunk.seq)] = chunk
     submitted = [o for o in (*learning, *outcomes) if o.request_id]
-    lost = sum(1 for o in submitted if len(terminals.get(o.request_id, ())) != 1)
-    lost += sum(1 for o in (*learning, *outcomes) if not o.request_id)  # never produced
+    lost_ones = [o for o in submitted if len(terminals.get(o.request_id, ())) != 1]
+    lost = len(lost_ones) + sum(1 for o in (*learning, *outcomes) if not o.request_id)
     dup = sum(1 for o in submitted if len(terminals.get(o.request_id, ())) > 1)
+    for o in lost_ones:
+        seen = [
+            f"attempt {c.attempt} seq {c.seq} {c.finish_reason} from {c.worker_id}"
+            for c in terminals.get(o.request_id, {}).values()
+        ]
+        print(f"    lost: {o.request_id} ({o.latency_class}, client outcome {o.outcome}, "
+              f"{'warm' if o.warm else 'cold'}, worker {o.worker}): "
+              f"{len(seen)} terminal chunks: {'; '.join(seen) or 'none'}", flush=True)
     result = RunResult(
         profile.name, policy, profile.compress, window_s, time.monotonic() - wall0,
         [*learning, *outcomes], events, lost, dup, config,
@@ -812,14 +856,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-learning-day", action="store_true",
                    help="measure Ember's diurnal run on its first day")
     p.add_argument("--smoke", action="store_true",
-                   help="profiles at 30 %% of their length, a 24 s day; tables printed, nothing written")
+                   help="profiles at 30 %% of their length, a 24 s day; prints, writes nothing")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--prestart", type=int, default=2)
     p.add_argument("--tick-s", type=float, default=TICK_S)
     p.add_argument("--model-dir", type=Path, default=ROOT / "models" / "tiny")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--log-dir", type=Path, default=Path("/tmp/ember-traffic"))
+    p.add_argument("--ember-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an Ember setting in profile time, before compression: "
+                   f"{', '.join(EMBER_DEFAULTS)} (repeatable)")
     args = p.parse_args(argv)
+    try:
+        args.ember_set = {k: float(v) for k, v in (x.split("=", 1) for x in args.ember_set)}
+    except ValueError:
+        p.error("--ember-set takes KEY=NUMBER")
+    for key in args.ember_set:
+        if key not in EMBER_DEFAULTS:
+            p.error(f"--ember-set {key}: expected one of {', '.join(EMBER_DEFAULTS)}")
     args.profiles = [x for x in args.profiles.split(",") if x]
     args.policies = [x for x in args.policies.split(",") if x]
     for name in args.profiles:
@@ -834,5 +888,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+async def _guarded(args: argparse.Namespace) -> int:
+    """main, with SIGTERM cancelling it as Ctrl-C does: every stack stops on the way out."""
+    import signal
+
+    task = asyncio.ensure_future(main(args))
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        print("interrupted: every stack stopped, nothing written", flush=True)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(parse_args())))
+    sys.exit(asyncio.run(_guarded(parse_args())))

@@ -14,7 +14,8 @@ broker of your own when others run Ember on the shared one.
     # both stopped: SIGTERM, wait, then SIGKILL of each process group and of what they started
 
 Ready means: the streams app's consumers read `ember.requests` from its end (a request for a
-model nobody serves gets its `rejected` chunk back, the probe of tests/streams/test_app_kafka.py)
+model nobody serves gets its `rejected` chunk back, the probe of tests/streams/test_app_kafka.py,
+and the app's /metrics counted it)
 and the supervisor logged `supervisor ready` (it reads `ember.decisions`), and (by default) its
 pre-started processes are idle with the runtime imported.
 
@@ -136,6 +137,7 @@ class LocalStack:
         self.streams: _Component | None = None
         self.supervisor: _Component | None = None
         self._stopped = False
+        self._earlier_logs: set[Path] = set()
         self.started_at: float | None = None
         self.ready_at: float | None = None
 
@@ -202,6 +204,7 @@ class LocalStack:
         from schemas.topics import all_topics
 
         self.started_at = time.monotonic()
+        self._earlier_logs = set((self.log_dir / "workers").glob("prestart-*.log"))  # a reused dir
         # Before either starts: the supervisor refuses to start without its model topics.
         await apply_topics(self.kafka, all_topics(tuple(self.config.models)))
         atexit.register(self.stop)
@@ -242,7 +245,9 @@ class LocalStack:
         workers = self.log_dir / "workers"
         while True:
             idle = [
-                p for p in workers.glob("prestart-*.log") if b'"prestart idle"' in p.read_bytes()
+                p
+                for p in workers.glob("prestart-*.log")
+                if p not in self._earlier_logs and b'"prestart idle"' in p.read_bytes()
             ]
             if len(idle) >= self.config.prestart:
                 return
@@ -252,24 +257,42 @@ class LocalStack:
             await asyncio.sleep(0.2)
 
     async def _probe_streams(self, deadline: float) -> None:
-        """Until a request for an unserved model comes back `rejected`: admission's consumer
-        has its partitions and reads from their end (requests sent earlier are skipped)."""
+        """Until a request for an unserved model comes back `rejected` and this app's /metrics
+        counted the rejection (another control plane on the broker would reject it too):
+        admission's consumer has its partitions and reads from their end (requests sent
+        earlier are skipped)."""
         from schemas.client import EmberClient, RequestRejected
 
+        probe_model = f"ember-stack-probe-{self.run_id}"
         async with EmberClient(self.kafka, client_id=f"stack-probe-{self.run_id}") as client:
             while True:
                 self._check_alive()
                 if time.monotonic() > deadline:
                     raise self._timeout("ember streams reading its topics", self.streams)
-                handle = await client.generate(
-                    f"ember-stack-probe-{self.run_id}", "probe", max_tokens=1
-                )
+                before = await asyncio.to_thread(self._unknown_model_rejections)
+                handle = await client.generate(probe_model, "probe", max_tokens=1)
                 try:  # no client time-out: it would log and send a cancel
                     await asyncio.wait_for(handle.result(), 2.0)
                 except RequestRejected:
-                    return
+                    if await asyncio.to_thread(self._unknown_model_rejections) > before:
+                        return
                 except asyncio.TimeoutError:
                     continue  # sent before admission read from the end; the client drops it
+
+    def _unknown_model_rejections(self) -> float:
+        """This app's count of `unknown_model` rejections (/metrics); -1 when unreachable."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.web_url + "/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return -1.0
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("ember_admission_total{") and 'code="unknown_model"' in line
+        )
 
     # -- while running -----------------------------------------------------------------------
 
