@@ -8,8 +8,11 @@ STAMP := $(VENV)/.installed
 MODELS ?= models
 TINY := $(MODELS)/tiny
 PYTEST_ARGS ?=
+# The reliability suite (tests/reliability: faults, fuzz, load under real processes) runs on
+# its own: `make reliability` (long form) or `make test-reliability` (short form).
+TEST_SELECT ?= -m "not reliability"
 
-.PHONY: setup demo test test-fast broker topics stop bench-decode clean-venv
+.PHONY: setup demo test test-reliability broker topics stop bench-decode clean-venv
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (found " + sys.version.split()[0] + ")")'
@@ -33,7 +36,10 @@ demo: topics $(TINY)/config.json
 	$(EMBER) --log-level WARNING demo --model-dir $(TINY)
 
 test: topics
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(TEST_SELECT) $(PYTEST_ARGS)
+
+test-reliability: topics
+	$(BIN)/python -m pytest -q -m reliability $(PYTEST_ARGS)
 
 stop:
 	-$(EMBER) broker stop
@@ -45,8 +51,8 @@ clean-venv:
 	rm -rf $(VENV)
 
 # The reliability suite's long form (faults, fuzzed input, sustained load) as a table, also
-# written to benchmarks/results/reliability.md. Runs its own broker; `make test` runs the
-# short form.
+# written to benchmarks/results/reliability.md. Runs its own broker; `make test-reliability`
+# runs the short form.
 .PHONY: reliability
 reliability: setup
 	$(BIN)/python benchmarks/reliability.py

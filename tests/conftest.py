@@ -14,6 +14,8 @@ still takes one as a parameter.
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Iterator
 
 import pytest
 import pytest_asyncio
@@ -65,3 +67,14 @@ async def kafka_settings() -> KafkaSettings:
 async def event_loop() -> asyncio.AbstractEventLoop:
     """The session's running loop (pytest-asyncio >= 1.0 no longer provides this fixture)."""
     return asyncio.get_running_loop()
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A test that configures logging (to a captured stream) must not leave its handlers to
+    the next one: a handler on a closed stream prints 'Logging error' into later output."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

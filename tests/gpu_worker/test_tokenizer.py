@@ -186,8 +186,10 @@ def test_random_ids_byte_fallback_equal_full_decode(byte_fallback, data):
     if "\ufffd" in reference:
         return
     text = "".join(stream(byte_fallback, ids))
-    if byte_fallback._tok.id_to_token(ids[0]).startswith("▁"):
-        text = text[1:]  # the decoder's Strip of one leading space, which the stream keeps
+    if text.startswith(" "):
+        # The decoder's Strip of one leading space (from "▁" or a <0x20> byte token), which
+        # the stream keeps because its output continues the prompt.
+        text = text[1:]
     assert text == reference
 
 
