@@ -61,12 +61,13 @@ def progress(msg: str) -> None:
 @dataclass
 class Run:
     """One generation of N tokens for a batch; `stamps[i]`: seconds after start when token i+1
-    of every row was out."""
+    of every row was out; `cpu_stamps[i]`: CPU seconds the process had used by then (all threads)."""
 
     engine: str
     batch: int
     repeat: int
     stamps: list[float]
+    cpu_stamps: list[float]
     tokens: list[list[int]] = field(repr=False)
 
     @property
@@ -87,53 +88,62 @@ class Run:
         return self.batch / statistics.median(self.step_s)
 
     @property
+    def cpu_tok_s(self) -> float:
+        """Tokens per CPU-second: the work done, whatever share of the cores the machine gave us."""
+        return self.batch * (len(self.stamps) - 1) / (self.cpu_stamps[-1] - self.cpu_stamps[0])
+
+    @property
+    def cpu_step_s(self) -> float:
+        return (self.cpu_stamps[-1] - self.cpu_stamps[0]) / (len(self.stamps) - 1)
+
+    @property
     def prefill_s(self) -> float:
         return self.stamps[0]
 
 
-def run_ember(
-    engine, prompts: list[list[int]], n_tokens: int, on_step: Callable[[], None] = lambda: None
-) -> tuple[list[float], list[list[int]]]:
-    from gpu_worker.engine import EngineRequest, SamplingParams
+class StepClock:
+    """Wall and process CPU time at each step, relative to construction; `put` and `end` make it
+    a transformers streamer (generate calls `put` with the prompt, then once per step)."""
 
-    params = SamplingParams(max_tokens=n_tokens, ignore_eos=True)  # greedy
-    start = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        engine.add_request(EngineRequest(f"bench-{i}", prompt_ids=prompt, params=params))
-    stamps: list[float] = []
-    tokens: dict[str, list[int]] = {f"bench-{i}": [] for i in range(len(prompts))}
-    while engine.has_work():
-        outs = engine.step()
-        stamps.append(time.perf_counter() - start)
-        on_step()
-        for out in outs:
-            tokens[out.request_id].extend(out.token_ids)
-    return stamps, [tokens[f"bench-{i}"] for i in range(len(prompts))]
-
-
-class _StepClock:
-    """A transformers streamer that only notes the time of each `put` (the first is the prompt)."""
-
-    def __init__(self, start: float, on_step: Callable[[], None]) -> None:
-        self.start = start
+    def __init__(self, on_step: Callable[[], None] = lambda: None) -> None:
         self.on_step = on_step
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
         self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []
 
-    def put(self, value) -> None:
+    def put(self, value=None) -> None:
         self.stamps.append(time.perf_counter() - self.start)
+        self.cpu_stamps.append(time.process_time() - self.cpu_start)
         self.on_step()
 
     def end(self) -> None:
         pass
 
 
+def run_ember(
+    engine, prompts: list[list[int]], n_tokens: int, on_step: Callable[[], None] = lambda: None
+) -> tuple[StepClock, list[list[int]]]:
+    from gpu_worker.engine import EngineRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=n_tokens, ignore_eos=True)  # greedy
+    clock = StepClock(on_step)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(EngineRequest(f"bench-{i}", prompt_ids=prompt, params=params))
+    tokens: dict[str, list[int]] = {f"bench-{i}": [] for i in range(len(prompts))}
+    while engine.has_work():
+        outs = engine.step()
+        clock.put()
+        for out in outs:
+            tokens[out.request_id].extend(out.token_ids)
+    return clock, [tokens[f"bench-{i}"] for i in range(len(prompts))]
+
+
 def run_transformers(
     model, prompts: list[list[int]], n_tokens: int, pad_id: int,
     on_step: Callable[[], None] = lambda: None,
-) -> tuple[list[float], list[list[int]]]:
+) -> tuple[StepClock, list[list[int]]]:
     ids = torch.tensor(prompts)  # [B, S], equal lengths: no padding
-    start = time.perf_counter()
-    clock = _StepClock(start, on_step)
+    clock = StepClock(on_step)
     with torch.inference_mode():
         out = model.generate(
             ids,
@@ -145,10 +155,10 @@ def run_transformers(
             pad_token_id=pad_id,
             streamer=clock,
         )
-    stamps = clock.stamps[1:]  # drop the prompt's put
-    if len(stamps) != n_tokens:
-        raise RuntimeError(f"transformers streamed {len(stamps)} steps, expected {n_tokens}")
-    return stamps, out[:, ids.shape[1]:].tolist()
+    del clock.stamps[0], clock.cpu_stamps[0]  # the prompt's put
+    if len(clock.stamps) != n_tokens:
+        raise RuntimeError(f"transformers streamed {len(clock.stamps)} steps, expected {n_tokens}")
+    return clock, out[:, ids.shape[1]:].tolist()
 
 
 def copy_bandwidth(src: torch.Tensor, dst: torch.Tensor) -> float:
@@ -174,7 +184,7 @@ OP_GROUPS = (
 )
 
 
-def profile_decode(run: Callable[[Callable[[], None]], list[float]], skip_first: int, steps: int) -> dict:
+def profile_decode(run: Callable[[Callable[[], None]], StepClock], skip_first: int, steps: int) -> dict:
     """Profile only the decode steps of one run: `run(on_step)` calls `on_step` once per token
     (after `skip_first` setup calls); the prefill step is warm-up, the next `steps` are recorded."""
     from torch.profiler import ProfilerActivity, profile, schedule
@@ -189,8 +199,9 @@ def profile_decode(run: Callable[[Callable[[], None]], list[float]], skip_first:
         schedule=schedule(skip_first=skip_first, wait=0, warmup=1, active=steps, repeat=1),
         on_trace_ready=ready,
     ) as prof:
-        stamps = run(prof.step)
-    wall_us = (stamps[-1] - stamps[0]) * 1e6
+        clock = run(prof.step)
+    wall_us = (clock.stamps[-1] - clock.stamps[0]) * 1e6
+    cpu_us = (clock.cpu_stamps[-1] - clock.cpu_stamps[0]) * 1e6
     groups = {name: 0.0 for name, _ in OP_GROUPS}
     groups["other tensor ops (norms, rope, silu, mul, add, views, argmax, ...)"] = 0.0
     ops_us = 0.0
@@ -208,11 +219,27 @@ def profile_decode(run: Callable[[Callable[[], None]], list[float]], skip_first:
         else:
             groups["other tensor ops (norms, rope, silu, mul, add, views, argmax, ...)"] += self_us
     groups["outside tensor ops (Python: engine / generate loop, module calls, profiler)"] = max(0.0, wall_us - ops_us)
-    top.sort(key=lambda kv: -kv[1])
     return {
         "step_ms": wall_us / steps / 1e3,
+        "cpu_step_ms": cpu_us / steps / 1e3,
         "groups_ms": {k: v / steps / 1e3 for k, v in groups.items()},
-        "top_ops_ms": [(k, v / steps / 1e3) for k, v in top[:8]],
+        "ops_ms": {k: v / steps / 1e3 for k, v in top},
+    }
+
+
+def mean_profile(profiles: Sequence[dict]) -> dict:
+    """Per-step figures averaged over profiled runs; the 8 ops with the most self time."""
+    n = len(profiles)
+    ops: dict[str, float] = {}
+    for p in profiles:
+        for k, v in p["ops_ms"].items():
+            ops[k] = ops.get(k, 0.0) + v / n
+    return {
+        "runs": n,
+        "step_ms": sum(p["step_ms"] for p in profiles) / n,
+        "cpu_step_ms": sum(p["cpu_step_ms"] for p in profiles) / n,
+        "groups_ms": {k: sum(p["groups_ms"][k] for p in profiles) / n for k in profiles[0]["groups_ms"]},
+        "top_ops_ms": sorted(ops.items(), key=lambda kv: -kv[1])[:8],
     }
 
 
@@ -351,7 +378,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     prompts = {b: make_prompts(b, args.prompt_len, config.vocab_size) for b in batches}
     weights = weight_bytes_per_step(ember_model)
 
-    def measure(name: str, b: int, n: int) -> tuple[list[float], list[list[int]]]:
+    def measure(name: str, b: int, n: int) -> tuple[StepClock, list[list[int]]]:
         gc.collect()
         if name == "ember":
             return run_ember(engine, prompts[b], n)
@@ -377,12 +404,13 @@ def benchmark(args: argparse.Namespace) -> dict:
         order = ENGINES if r % 2 == 0 else ENGINES[::-1]
         for b in batches:
             for name in order:
-                stamps, tokens = measure(name, b, args.tokens)
-                run = Run(name, b, r, stamps, tokens)
+                clock, tokens = measure(name, b, args.tokens)
+                run = Run(name, b, r, clock.stamps, clock.cpu_stamps, tokens)
                 runs.append(run)
                 progress(
                     f"repeat {r + 1}/{args.repeats} batch {b:>2} {name:<12} "
-                    f"{run.decode_tok_s:8.1f} tok/s  {median(run.step_s) * 1e3:7.1f} ms/step"
+                    f"{run.decode_tok_s:8.1f} tok/s  {median(run.step_s) * 1e3:7.1f} ms/step  "
+                    f"{run.cpu_step_s * 1e3:7.1f} CPU-ms/step"
                 )
         for _ in range(args.bandwidth_samples):
             copy_bw.append(copy_bandwidth(src, dst))
@@ -395,19 +423,38 @@ def benchmark(args: argparse.Namespace) -> dict:
     if args.profile:
         steps = min(args.tokens, 9) - 1
         for b in batches:
-            progress(f"profiling {steps} decode steps at batch {b}")
-            profiles[str(b)] = {
-                "ember": profile_decode(
-                    lambda on_step, b=b: run_ember(engine, prompts[b], steps + 1, on_step)[0], 0, steps),
-                "transformers": profile_decode(
-                    lambda on_step, b=b: run_transformers(hf_model, prompts[b], steps + 1, pad_id, on_step)[0],
-                    1, steps),  # the prompt's put comes before the prefill
-            }
+            progress(f"profiling {steps} decode steps at batch {b}, twice per engine (E T T E)")
+            profile_runs: dict[str, list[dict]] = {name: [] for name in ENGINES}
+            for name in (*ENGINES, *ENGINES[::-1]):
+                if name == "ember":
+                    run = lambda on_step, b=b: run_ember(engine, prompts[b], steps + 1, on_step)[0]  # noqa: E731
+                    skip = 0
+                else:
+                    run = lambda on_step, b=b: run_transformers(  # noqa: E731
+                        hf_model, prompts[b], steps + 1, pad_id, on_step)[0]
+                    skip = 1  # the prompt's put comes before the prefill
+                gc.collect()
+                profile_runs[name].append(profile_decode(run, skip, steps))
+            profiles[str(b)] = {name: mean_profile(rs) for name, rs in profile_runs.items()}
 
     res = summarize(args, runs, copy_bw, read_bw, weights, config, dtype, threads, model_dir,
                     load_before, elapsed)
     res["profiles"] = profiles
     return res
+
+
+# Three ways to rate a run: wall clock as asked for, wall clock with bursts of load left out,
+# and CPU time (the work itself, whatever share of the cores other processes left us).
+BASES = {
+    "aggregate": ("decode_tok_s", "wall clock: batch x steps / decode time"),
+    "median_step": ("steady_tok_s", "wall clock: batch / median step time"),
+    "cpu": ("cpu_tok_s", "CPU time: batch x steps / process CPU-seconds"),
+}
+
+
+def paired(xs: Sequence[float], ys: Sequence[float]) -> dict:
+    ratios = [x / y for x, y in zip(xs, ys)]
+    return {"per_repeat": ratios, "median": median(ratios), "p95": slow_p95_rate(ratios)}
 
 
 def summarize(args, runs, copy_bw, read_bw, weights, config, dtype, threads, model_dir,
@@ -416,25 +463,28 @@ def summarize(args, runs, copy_bw, read_bw, weights, config, dtype, threads, mod
     by = {(r.engine, r.batch, r.repeat): r for r in runs}
     repeats = range(args.repeats)
 
+    def rates(name: str, b: int, basis: str) -> list[float]:
+        return [getattr(by[name, b, i], BASES[basis][0]) for i in repeats]
+
     per_batch = []
     for b in batches:
-        row = {"batch": b}
+        row: dict = {"batch": b}
         for name in ENGINES:
             rs = [by[name, b, i] for i in repeats]
-            rates = [r.decode_tok_s for r in rs]
+            tok_s = rates(name, b, "aggregate")
             steps = [s for r in rs for s in r.step_s]
             row[name] = {
-                "tok_s": rates,
-                "tok_s_median": median(rates),
-                "tok_s_p95": slow_p95_rate(rates),
+                "tok_s": tok_s,
+                "tok_s_median": median(tok_s),
+                "tok_s_p95": slow_p95_rate(tok_s),
                 "step_ms_median": median(steps) * 1e3,
                 "step_ms_p95": p95(steps) * 1e3,
+                "cpu_step_ms_median": median([r.cpu_step_s for r in rs]) * 1e3,
                 "prefill_ms_median": median([r.prefill_s for r in rs]) * 1e3,
             }
-        paired = [by["ember", b, i].decode_tok_s / by["transformers", b, i].decode_tok_s for i in repeats]
-        row["ember_over_transformers"] = {"per_repeat": paired, "median": median(paired), "p95": slow_p95_rate(paired)}
-        steady = [by["ember", b, i].steady_tok_s / by["transformers", b, i].steady_tok_s for i in repeats]
-        row["ember_over_transformers_steady"] = {"per_repeat": steady, "median": median(steady), "p95": slow_p95_rate(steady)}
+        row["ember_over_transformers"] = {
+            basis: paired(rates("ember", b, basis), rates("transformers", b, basis)) for basis in BASES
+        }
         same = sum(
             e == t for i in repeats
             for e, t in zip(by["ember", b, i].tokens, by["transformers", b, i].tokens)
@@ -442,22 +492,21 @@ def summarize(args, runs, copy_bw, read_bw, weights, config, dtype, threads, mod
         row["identical_outputs"] = f"{same}/{b * args.repeats}"
         per_batch.append(row)
 
-    ratios = {}
     lo, hi = batches[0], batches[-1]
-    for suffix, rate in (("", "decode_tok_s"), ("_steady", "steady_tok_s")):
-        scale = [getattr(by["ember", hi, i], rate) / getattr(by["ember", lo, i], rate) for i in repeats]
-        ratios[f"ember_b{hi}_over_b{lo}{suffix}"] = {
-            "median": median(scale), "p95": slow_p95_rate(scale), "target": 4.0,
-        }
-        b1 = next(row for row in per_batch if row["batch"] == lo)[f"ember_over_transformers{suffix}"]
-        ratios[f"ember_over_transformers_b{lo}{suffix}"] = {
-            "median": b1["median"], "p95": b1["p95"], "target": 1.0,
-        }
+    targets = []
+    for basis in BASES:
+        scale = paired(rates("ember", hi, basis), rates("ember", lo, basis))
+        targets.append({"ratio": f"Ember batch-{hi} / Ember batch-{lo}", "basis": basis, "target": 4.0,
+                        "median": scale["median"], "p95": scale["p95"]})
+    for basis in BASES:
+        vs = per_batch[0]["ember_over_transformers"][basis]
+        targets.append({"ratio": f"Ember / transformers at batch {lo}", "basis": basis, "target": 1.0,
+                        "median": vs["median"], "p95": vs["p95"]})
 
     bw = median(copy_bw)
     bound = bw / weights["per_step_bytes"]
-    ember_b1 = [by["ember", lo, i].decode_tok_s for i in repeats]
-    ember_b1_steady = [by["ember", lo, i].steady_tok_s for i in repeats]
+    ember_b1 = rates("ember", lo, "aggregate")
+    ember_b1_steady = rates("ember", lo, "median_step")
     kv = kv_bytes_per_position(config, torch.finfo(dtype).bits // 8)
     mean_len = args.prompt_len + args.tokens / 2
     return {
@@ -483,15 +532,17 @@ def summarize(args, runs, copy_bw, read_bw, weights, config, dtype, threads, mod
             "bandwidth_samples": len(copy_bw),
         },
         "per_batch": per_batch,
+        "targets": targets,
         "runs": [
-            {"engine": r.engine, "batch": r.batch, "repeat": r.repeat, "stamps_s": r.stamps}
+            {"engine": r.engine, "batch": r.batch, "repeat": r.repeat, "stamps_s": r.stamps,
+             "cpu_stamps_s": r.cpu_stamps}
             for r in runs
         ],
-        "ratios": ratios,
         "bandwidth": {
             "copy_bytes": 2 * (BANDWIDTH_BYTES if args.size != "tiny" else 1 << 26),
             "copy_gb_s_median": bw / 1e9,
             "copy_gb_s_p95": slow_p95_rate(copy_bw) / 1e9,
+            "copy_gb_s_best": max(copy_bw) / 1e9,
             "read_gb_s_median": median(read_bw) / 1e9,
             "bound_b1_tok_s": bound,
             "ember_b1_tok_s_median": median(ember_b1),
@@ -531,44 +582,52 @@ def render_markdown(res: dict) -> str:
         "",
         "## Decode tokens/s (aggregate over the batch, prefill excluded)",
         "",
-        "p95 of tokens/s is the slow tail: 95% of repeats were at least this fast. "
-        "ms/step over every decode step of every repeat. Ember / transformers: the median "
-        "(and slow-tail p95) of the per-repeat ratios of runs measured back to back, of aggregate "
-        "tokens/s and of batch / median step time (a run's median step leaves out bursts of load "
-        "from other processes, so that ratio is the steadier one on a shared machine).",
+        "Wall clock. p95 of tokens/s is the slow tail: 95% of repeats were at least this fast; "
+        "ms/step over every decode step of every repeat. CPU-ms/step: process CPU time (all "
+        "threads) per decode step, median of repeats: the work done, not counting time other "
+        "processes held the cores.",
         "",
         "| batch | Ember tok/s median | Ember tok/s p95 | transformers tok/s median | "
-        "transformers tok/s p95 | Ember / transformers median (p95) | Ember ms/step median (p95) | "
-        "transformers ms/step median (p95) | Ember / transformers from median steps (p95) | "
-        "prefill ms Ember / transformers | identical outputs |",
+        "transformers tok/s p95 | Ember ms/step median (p95) | transformers ms/step median (p95) | "
+        "Ember CPU-ms/step | transformers CPU-ms/step | prefill ms Ember / transformers | "
+        "identical outputs |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in res["per_batch"]:
-        e, t, r = row["ember"], row["transformers"], row["ember_over_transformers"]
+        e, t = row["ember"], row["transformers"]
         lines.append(
             f"| {row['batch']} | {e['tok_s_median']:.2f} | {e['tok_s_p95']:.2f} | "
-            f"{t['tok_s_median']:.2f} | {t['tok_s_p95']:.2f} | {r['median']:.2f}x ({r['p95']:.2f}x) | "
+            f"{t['tok_s_median']:.2f} | {t['tok_s_p95']:.2f} | "
             f"{e['step_ms_median']:.1f} ({e['step_ms_p95']:.1f}) | "
             f"{t['step_ms_median']:.1f} ({t['step_ms_p95']:.1f}) | "
-            f"{row['ember_over_transformers_steady']['median']:.2f}x "
-            f"({row['ember_over_transformers_steady']['p95']:.2f}x) | "
+            f"{e['cpu_step_ms_median']:.1f} | {t['cpu_step_ms_median']:.1f} | "
             f"{e['prefill_ms_median']:.0f} / {t['prefill_ms_median']:.0f} | {row['identical_outputs']} |"
         )
     lines += [
         "",
+        "## Ember / transformers, paired per repeat",
+        "",
+        "Each repeat's Ember run divided by the transformers run next to it; median (slow-tail p95) "
+        "of the repeats. " + "; ".join(f"{k}: {v[1]}" for k, v in BASES.items()) + ".",
+        "",
+        "| batch | " + " | ".join(BASES) + " |",
+        "|---:|" + "---:|" * len(BASES),
+    ]
+    for row in res["per_batch"]:
+        cells = [f"{row['ember_over_transformers'][k]['median']:.2f}x "
+                 f"({row['ember_over_transformers'][k]['p95']:.2f}x)" for k in BASES]
+        lines.append(f"| {row['batch']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
         "## Ratios against targets (per-repeat paired ratios)",
         "",
-        "| ratio | median | p95 (slow tail) | target | |",
-        "|---|---:|---:|---:|---|",
+        "| ratio | basis | median | p95 (slow tail) | target | |",
+        "|---|---|---:|---:|---:|---|",
     ]
-    lo, hi = s["batch_sizes"][0], s["batch_sizes"][-1]
-    for key, r in res["ratios"].items():
-        what = "Ember / transformers at batch {lo}" if key.startswith("ember_over") else "Ember batch-{hi} / Ember batch-{lo}"
-        how = "batch / median ms per step" if key.endswith("_steady") else "aggregate tokens/s"
-        label = f"{what} ({how})"
+    for t in res["targets"]:
         lines.append(
-            f"| {label.format(lo=lo, hi=hi)} | {r['median']:.2f}x | {r['p95']:.2f}x | "
-            f">= {r['target']:.1f}x | {_met(r['median'], r['target'])} |"
+            f"| {t['ratio']} | {t['basis']} | {t['median']:.2f}x | {t['p95']:.2f}x | "
+            f">= {t['target']:.1f}x | {_met(t['median'], t['target'])} |"
         )
     lines += [
         "",
@@ -581,7 +640,7 @@ def render_markdown(res: dict) -> str:
         f"| (not counted) KV cache bytes read per step at the mean position | {mod['kv_bytes_per_step_b1_mean'] / 1e6:.2f} MB |",
         f"| memcpy bandwidth, `Tensor.copy_` of {bw['copy_bytes'] / 2 / 1e9:.2f} GB, read + write counted, "
         f"median of {s['bandwidth_samples']} (p95 slow tail) | {bw['copy_gb_s_median']:.2f} GB/s "
-        f"({bw['copy_gb_s_p95']:.2f}) |",
+        f"({bw['copy_gb_s_p95']:.2f}); best {bw['copy_gb_s_best']:.2f} GB/s |",
         f"| read-only bandwidth, `Tensor.sum` of the same tensor, median (for comparison) | {bw['read_gb_s_median']:.2f} GB/s |",
         f"| bound: memcpy bandwidth / weight bytes per step | {bw['bound_b1_tok_s']:.2f} tok/s |",
         f"| Ember batch 1, median | {bw['ember_b1_tok_s_median']:.2f} tok/s |",
@@ -599,20 +658,23 @@ def render_profiles(profiles: dict) -> list[str]:
     lines = [
         "## Where a decode step's time goes (torch.profiler, after the timed repeats)",
         "",
-        "Self time of tensor ops per decode step, prefill excluded, one profiled run per engine "
-        "and batch size; the profiler adds per-op overhead, so read the shares, not the totals.",
+        "Self time of tensor ops per decode step, prefill excluded, mean of two profiled runs per "
+        "engine and batch size (order Ember, transformers, transformers, Ember). The profiler adds "
+        "per-op overhead, and op times are wall clock, so time other processes held the core lands "
+        "in whichever op was running: compare wall with CPU time before reading the split.",
         "",
     ]
     batches = list(profiles)
     head = " | ".join(f"b{b} Ember | b{b} transformers" for b in batches)
     lines += [f"| ms per decode step | {head} |", "|---|" + "---:|" * (2 * len(batches))]
     groups = list(profiles[batches[0]]["ember"]["groups_ms"])
-    for g in ["step (wall)", *groups]:
+    for g in ["step (wall)", "step (process CPU time)", *groups]:
         cells = []
         for b in batches:
             for name in ENGINES:
                 p = profiles[b][name]
-                cells.append(f"{p['step_ms'] if g == 'step (wall)' else p['groups_ms'][g]:.1f}")
+                value = {"step (wall)": p["step_ms"], "step (process CPU time)": p["cpu_step_ms"]}.get(g)
+                cells.append(f"{p['groups_ms'][g] if value is None else value:.1f}")
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
     lines += ["", "Top ops by self time, Ember (ms per step):", ""]
     for b in batches:
