@@ -1,10 +1,10 @@
 """Per-request sampling over a batch of logits, reproducible whatever the batch-mates.
 
-Each request carries `SamplingParams`; temperature 0 is greedy (argmax). Otherwise the row is
-divided by its temperature, cut to its top-k, then to its top-p (nucleus: the smallest set of
-most likely tokens whose mass reaches p, after top-k), and one token is drawn by inverse CDF:
-the kept probabilities are summed in vocabulary order and the first token whose running sum
-passes u * total is taken, u ~ U[0, 1). The cuts are value thresholds, so ties are kept
+Each request carries `SamplingParams`; temperature 0 (or below 1e-5) is greedy (argmax).
+Otherwise the row is divided by its temperature, cut to its top-k, then to its top-p (nucleus:
+the smallest set of most likely tokens whose mass reaches p, after top-k; never empty), and one
+token is drawn by inverse CDF: the kept probabilities are summed in vocabulary order and the
+first token whose running sum passes u * total is taken, u ~ U[0, 1). The cuts are value thresholds, so ties are kept
 together and no index sort is needed.
 
 Reproducibility: u comes from the request's own `torch.Generator` (CPU, seeded from the request's
@@ -28,6 +28,11 @@ from dataclasses import dataclass
 import torch
 
 from gpu_worker.scheduler import InvalidSamplingParams
+
+
+# Temperatures below this are greedy: logits are scaled in float32, where dividing by a
+# smaller one overflows to inf (or the temperature itself rounds to 0) and sampling breaks.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(seed: int | None) -> tuple[torch.Generator, int]:
@@ -161,6 +166,7 @@ def _top_k_top_p_threshold(
         if width < vocab and bool(((mass[:, -1:] < p) & no_k).any()):  # CPU only: widen
             width *= 4
             continue
-        count = ((mass - in_head) < p).sum(dim=-1, keepdim=True)  # [R, 1], >= 1
+        # [R, 1]; at least the most likely token, whatever p (a tiny one rounds to 0 in fp32)
+        count = ((mass - in_head) < p).sum(dim=-1, keepdim=True).clamp(min=1)
         tau = torch.where(p < 1, head.gather(-1, count - 1), -math.inf)
         return torch.maximum(threshold, tau)

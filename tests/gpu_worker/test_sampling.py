@@ -141,3 +141,24 @@ def test_cut_equals_full_sort_reference(top_k, top_p):
         assert set((scaled[row] >= threshold[row]).nonzero().flatten().tolist()) == set(
             kept[:n].tolist()
         )
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=5e-324, seed=1),  # rounds to 0 in fp32
+        SamplingParams(temperature=1e-40, seed=1),  # logits / it overflow fp32
+        SamplingParams(temperature=1.0, top_p=5e-324, seed=1),  # rounds to 0 in fp32
+        SamplingParams(temperature=1.0, top_p=1e-12, top_k=7, seed=1),
+    ],
+)
+def test_extreme_but_valid_params_pick_a_real_token(params):
+    """Valid on the wire (temperature > 0, 0 < top_p): a tiny temperature is greedy, a tiny
+    top_p keeps the most likely token; never an index outside the vocabulary."""
+    logits = rand_logits(3)
+    batch = [params, SamplingParams(), SamplingParams(temperature=0.7, seed=2)]
+    generators = [make_generator(1)[0], None, make_generator(2)[0]]
+    tokens = sample(logits, batch, generators)
+    assert tokens[0] == logits[0].argmax()
+    assert tokens[1] == logits[1].argmax()
+    assert 0 <= int(tokens[2]) < V
