@@ -300,12 +300,16 @@ class ReplyRoute:
 
 def reply_route(data: bytes | None) -> ReplyRoute | None:
     """Where to send the `rejected` chunk of an invalid request: its request_id, reply_topic
-    (default ember.replies) and submitted_at if those fields are themselves valid. None
-    when the request cannot be answered (then only a dead letter records it)."""
+    (default ember.replies) and submitted_at if those fields are themselves valid, read from
+    the map or, for an admitted request, from the request map inside it. None when the
+    request cannot be answered (then only a dead letter records it)."""
     try:
         value = unpack_map(data)
     except DecodeError:
         return None
+    inner = value.get("request")
+    if "request_id" not in value and isinstance(inner, dict):
+        value = inner
     request_id = _checked(ID, value.get("request_id"))
     reply_topic = _checked(REPLY_TOPIC, value.get("reply_topic") or REPLIES)
     if request_id is None or reply_topic is None:

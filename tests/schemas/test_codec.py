@@ -308,6 +308,15 @@ def test_an_invalid_request_can_still_be_answered_on_its_reply_topic() -> None:
     )
 
 
+def test_an_invalid_admitted_request_is_answered_on_its_requests_reply_topic() -> None:
+    inner = {**PLAIN_REQUEST, "reply_topic": "svc.replies"}
+    route = reply_route(pack({"v": "1.0", "request": inner, "attempt": 0}))
+    assert route is not None and (route.request_id, route.reply_topic) == (
+        "req-42", "svc.replies")
+    assert reply_route(pack({"v": "1.0", "request": {"request_id": "bad id"}})) is None
+    assert reply_route(pack({"v": "1.0", "request": "not a map"})) is None
+
+
 @pytest.mark.parametrize(
     "data",
     [
