@@ -196,8 +196,12 @@ def bad_topic_names() -> st.SearchStrategy[str]:
 
 
 @st.composite
-def request_fields(draw: st.DrawFn, model: str, unknown: str, reply: str) -> dict[str, Any]:
-    """A request map with one kind of problem (or none: an unknown model, extra fields)."""
+def request_fields(draw: st.DrawFn, model: str, unknown: str, reply: str,
+                   max_work: int = 4096) -> dict[str, Any]:
+    """A request map with one kind of problem (or none: an unknown model, extra fields).
+    A request of the served model that stays valid generates at most 8 tokens when its
+    max_tokens is at most `max_work` (the consumer would run it): fuzzing must not turn into
+    load that crowds out the valid traffic it checks."""
     target_model = draw(st.sampled_from([unknown, unknown, unknown, model]))
     problem = draw(st.sampled_from([
         "wrong_type", "wrong_type", "missing", "huge_prompt", "huge_ids", "both_prompts",
@@ -268,6 +272,9 @@ def request_fields(draw: st.DrawFn, model: str, unknown: str, reply: str) -> dic
         for _ in range(draw(st.integers(50, 400))):
             deep = [deep]
         base[draw(st.sampled_from(["prompt", "stop", "x_nested"]))] = deep
+    tokens = base.get("max_tokens")
+    if target_model == model and type(tokens) is int and 8 < tokens <= max_work:
+        base["max_tokens"] = 8
     return base
 
 
@@ -345,11 +352,12 @@ def worker_cases(draw: st.DrawFn, model: str, unknown: str, reply: str, nowhere:
     headers = draw(HEADERS) if draw(st.integers(0, 5)) == 0 else ()
     if shape == "raw":
         return Case("raw", key, draw(raw_value()), headers)
+    # a worker runs any max_tokens up to its context: keep what it would run short
+    fields = request_fields(model, unknown, reply, max_work=MAX_NEW_TOKENS)
     if shape == "plain":
-        return Case("plain", key, draw(request_fields(model, unknown, reply)), ())
+        return Case("plain", key, draw(fields), ())
     if shape == "admitted":
-        return Case("admitted", key, admitted_map(draw(request_fields(model, unknown, reply))),
-                    headers)
+        return Case("admitted", key, admitted_map(draw(fields)), headers)
     if shape == "admitted_fields":
         name = draw(st.sampled_from(["v", "request", "latency_class", "prompt_tokens",
                                      "prompt_bucket", "admitted_at", "attempt", "worker_id",
@@ -359,8 +367,10 @@ def worker_cases(draw: st.DrawFn, model: str, unknown: str, reply: str, nowhere:
                     admitted_map(base_request(unknown, reply), **{name: value}), headers)
     if shape == "nowhere":
         return Case("nowhere", key, admitted_map(base_request(model, nowhere)))
-    if shape == "too_long":  # valid on the wire; prompt + max_tokens exceed the context
-        return Case("too_long", key, admitted_map(base_request(model, reply, max_tokens=16000)))
+    if shape == "too_long":  # valid on the wire; the prompt alone fills the context
+        ids = [1] * draw(st.integers(2048, 4096))
+        return Case("too_long", key, admitted_map(base_request(
+            model, reply, prompt=_DROP, prompt_token_ids=ids)))
     if shape == "vocab":  # valid on the wire; ids outside the model's vocabulary
         ids = draw(st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=8))
         return Case("vocab", key, admitted_map(base_request(

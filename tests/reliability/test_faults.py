@@ -74,7 +74,7 @@ async def no_strays(stack: Stack, timeout_s: float = 30.0) -> None:
 
 
 async def streaming_worker(stack: Stack, traffic: Traffic,
-                           timeout_s: float = 20.0) -> tuple[str, int]:
+                           timeout_s: float = 60.0) -> tuple[str, int]:
     """(worker id, pid) of a worker that is streaming a request to the client right now
     (its first chunks arrived, its last has not), preferring the one with most such."""
     deadline = time.monotonic() + timeout_s
@@ -141,6 +141,7 @@ async def run_scenario(
 
 async def test_worker_sigkill_mid_generation(stack: Stack, client, references) -> None:
     async def kill(traffic: Traffic) -> str:
+        await stack.steady(timeout_s=120)  # the pool is whole again after the last fault
         worker_id, pid = await streaming_worker(stack, traffic)
         os.kill(pid, signal.SIGKILL)
         return f"SIGKILL {worker_id}"
@@ -155,6 +156,7 @@ async def test_worker_stalls_past_its_heartbeat(stack: Stack, client, references
     stall_s = DEAD_AFTER_S + 3.0  # past placement's dead_after_s
 
     async def stall(traffic: Traffic) -> str:
+        await stack.steady(timeout_s=120)
         worker_id, pid = await streaming_worker(stack, traffic)
         os.kill(pid, signal.SIGSTOP)
         try:
