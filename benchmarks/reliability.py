@@ -38,14 +38,31 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def run_suite(long: bool, pytest_args: list[str]) -> tuple[int, list[dict[str, Any]], float]:
-    """Run the suite; (pytest exit code, rows, seconds)."""
+def failures(junit: Path) -> list[str]:
+    """`test name: first line of the failure` for each failed or erroring test."""
+    import xml.etree.ElementTree as ET
+
+    if not junit.exists():
+        return []
+    found = []
+    for case in ET.parse(junit).iter("testcase"):
+        for bad in (*case.findall("failure"), *case.findall("error")):
+            message = (bad.get("message") or "").strip().splitlines()
+            found.append(f"{case.get('name')}: {message[0][:300] if message else bad.tag}")
+    return found
+
+
+def run_suite(
+    long: bool, pytest_args: list[str]
+) -> tuple[int, list[dict[str, Any]], list[str], float]:
+    """Run the suite; (pytest exit code, rows, failed tests, seconds)."""
     with tempfile.TemporaryDirectory(prefix="ember-reliability-") as tmp:
         report = Path(tmp) / "rows.jsonl"
+        junit = Path(tmp) / "junit.xml"
         env = {**os.environ, "EMBER_RELIABILITY": "long" if long else "short",
                "EMBER_RELIABILITY_REPORT": str(report)}
         command = [sys.executable, "-m", "pytest", "tests/reliability", "-q", "-rA",
-                   "-p", "no:cacheprovider", *pytest_args]
+                   "-p", "no:cacheprovider", f"--junitxml={junit}", *pytest_args]
         print("$ EMBER_RELIABILITY=%s %s" % (env["EMBER_RELIABILITY"], " ".join(command[2:])),
               flush=True)
         t0 = time.monotonic()
@@ -53,7 +70,8 @@ def run_suite(long: bool, pytest_args: list[str]) -> tuple[int, list[dict[str, A
         seconds = time.monotonic() - t0
         rows = [json.loads(line) for line in report.read_text().splitlines()] \
             if report.exists() else []
-    return code, rows, seconds
+        failed = failures(junit)
+    return code, rows, failed, seconds
 
 
 def _recovery(row: dict[str, Any]) -> str:
@@ -122,8 +140,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "reliability.md")
     parser.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     args = parser.parse_args()
-    code, rows, seconds = run_suite(not args.short, args.pytest_args)
+    code, rows, failed, seconds = run_suite(not args.short, args.pytest_args)
     text = table(rows) if rows else "(no rows: the suite reported nothing)"
+    if failed:
+        text += "\n\nFailed (no row, or a row that broke a check):\n\n" + "\n".join(
+            f"- {f}" for f in failed)
     print("\n" + text + "\n", flush=True)
     bad = [r["scenario"] for r in rows if r["lost"] or r["duplicates"]]
     form = "short" if args.short else "long"
