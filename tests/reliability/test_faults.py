@@ -96,7 +96,7 @@ Fault = Callable[[Traffic], Awaitable[str]]
 
 async def run_scenario(
     name: str, stack: Stack, client: EmberClient, references: dict[str, str], faults: list[Fault],
-    *, warmup_s: float = 3.0, every_s: float = 10.0, after_s: float = 6.0,
+    *, warmup_s: float = 2.5, every_s: float = 10.0, after_s: float = 6.0,
 ) -> Row:
     """Traffic at RATE; `faults` one after another, `every_s` apart, starting after
     `warmup_s`; traffic goes on `after_s` past the last. Then every outcome, the tables back

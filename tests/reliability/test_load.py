@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.reliability,
               pytest.mark.timeout(1800 if LONG else 300)]
 
 STEPS = (4, 6, 8, 10, 12, 16, 20, 24, 32) if LONG else (4, 8, 12, 16, 24)
-STEP_S = 15.0 if LONG else 5.0
+STEP_S = 15.0 if LONG else 4.0
 HOLD_S = 300.0 if LONG else 30.0
 HOLD_SHARE = 0.8
 WARMUP_S = 60.0 if LONG else 8.0
