@@ -1,6 +1,7 @@
 """Fixtures of the reliability suite: the tiny model and its greedy texts, a Kafka broker of
 the suite's own, and one Ember stack (`infra.stack.LocalStack`: `ember streams` + `ember
-supervisor` with two always-on workers) that the fault, fuzz and load tests share.
+supervisor` with two always-on workers) that the fault, fuzz and load tests share. All are
+package-scoped: they stop when this package's tests are done, not at the end of the session.
 
 The broker is private (free ports, its own EMBER_HOME, the jar cache shared), not the
 session's: the broker-restart scenario restarts it, and every `ember streams` on a broker
@@ -72,7 +73,7 @@ class Broker:
         return time.monotonic() - t0
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
+@pytest_asyncio.fixture(scope="package", loop_scope="session")
 async def broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Broker]:
     """A broker of the suite's own, with Ember's core topics."""
     shared = BrokerSettings.from_env()
@@ -90,14 +91,14 @@ async def broker(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Brok
         await asyncio.to_thread(local.stop)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from gpu_worker.make_model import make_model
 
     return make_model("tiny", tmp_path_factory.mktemp("reliability-models") / "tiny")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def references(tiny_model: Path) -> dict[tuple[str, int], str]:
     return greedy_texts(tiny_model, PROMPTS, LENGTHS)
 
@@ -244,7 +245,7 @@ async def start_stack(kafka: KafkaSettings, model_dir: Path, log_dir: Path,
     return stack
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
+@pytest_asyncio.fixture(scope="package", loop_scope="session")
 async def stack(
     broker: Broker, tiny_model: Path, references: dict[tuple[str, int], str],
     tmp_path_factory: pytest.TempPathFactory,
@@ -260,7 +261,7 @@ async def stack(
         await s.local.delete_group_topics()
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
+@pytest_asyncio.fixture(scope="package", loop_scope="session")
 async def client(stack: Stack) -> AsyncIterator[EmberClient]:
     """One client with a private reply topic for the suite's valid traffic."""
     async with EmberClient.private(
