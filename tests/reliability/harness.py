@@ -112,7 +112,8 @@ class Traffic:
     lengths: Sequence[int] = LENGTHS
     submitted: int = 0
     outcomes: dict[str, Outcome] = field(default_factory=dict)
-    streaming: dict[str, str] = field(default_factory=dict)  # request id -> worker id
+    # request id -> (worker id, max_tokens) while its chunks flow
+    streaming: dict[str, tuple[str, int]] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _n: int = 0
 
@@ -141,7 +142,7 @@ class Traffic:
                 if first is None:
                     first = time.monotonic()
                 if delta.chunk.worker_id is not None:
-                    self.streaming[rid] = delta.chunk.worker_id
+                    self.streaming[rid] = (delta.chunk.worker_id, max_tokens)
             result = await handle.result()
         except RequestRejected as exc:
             outcome = ended("rejected", exc.error_code)

@@ -31,6 +31,7 @@ from schemas.client import EmberClient
 from tests.reliability.conftest import DEAD_AFTER_S, WORKERS, Broker, Stack
 from tests.reliability.harness import (
     LONG,
+    LONG_TOKENS,
     Row,
     Traffic,
     cmdline,
@@ -76,14 +77,16 @@ async def no_strays(stack: Stack, timeout_s: float = 30.0) -> None:
 async def streaming_worker(stack: Stack, traffic: Traffic,
                            timeout_s: float = 60.0) -> tuple[str, int]:
     """(worker id, pid) of a worker that is streaming a request to the client right now
-    (its first chunks arrived, its last has not), preferring the one with most such."""
+    (its first chunks arrived, its last has not): one with a long request if there is one
+    (it is still streaming when the fault lands), else the one with most streams."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         pids = stack.worker_pids()
-        counts: dict[str, int] = {}
-        for worker_id in traffic.streaming.values():
+        counts: dict[str, tuple[int, int]] = {}  # worker id -> (long streams, streams)
+        for worker_id, max_tokens in list(traffic.streaming.values()):
             if worker_id in pids:
-                counts[worker_id] = counts.get(worker_id, 0) + 1
+                long, total = counts.get(worker_id, (0, 0))
+                counts[worker_id] = (long + (max_tokens == LONG_TOKENS), total + 1)
         if counts:
             worker_id = max(counts, key=lambda w: counts[w])
             return worker_id, pids[worker_id]
