@@ -184,7 +184,7 @@ class Step(NamedTuple):
     kv_len: int  # cache positions read: 0 .. kv_len - 1
     cos: Tensor  # [B, S, 1, D]
     sin: Tensor  # [B, S, 1, D]
-    mask: Tensor  # [B, 1, S, L] bool, True = attend
+    mask: Tensor  # [B, 1, S, L] additive, in the model's dtype: 0 = attend, -inf = not
 
 
 class KVCache(nn.Module):
@@ -329,9 +329,12 @@ class Transformer(nn.Module):
             rows = _slot_rows(slots)  # host sync
         k_pos = self.positions[:kv_len]  # [L]
         q_pos = input_pos.unsqueeze(-1)  # [B, S, 1]
-        mask = k_pos <= q_pos  # [B, S, L]: causal within each slot
+        attend = k_pos <= q_pos  # [B, S, L]: causal within each slot
         if self.config.sliding_window is not None:
-            mask &= k_pos > q_pos - self.config.sliding_window
+            attend &= k_pos > q_pos - self.config.sliding_window
+        # Additive mask made once per forward; given a bool mask, sdpa converts it in every layer.
+        mask = torch.zeros(attend.shape, dtype=self.rope_cos.dtype, device=attend.device)
+        mask.masked_fill_(~attend, float("-inf"))
         cos = self.rope_cos[input_pos].unsqueeze(2)  # [B, S, 1, D]
         sin = self.rope_sin[input_pos].unsqueeze(2)
         step = Step(input_pos, slots, rows, kv_len, cos, sin, mask.unsqueeze(1))
