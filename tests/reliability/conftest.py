@@ -46,7 +46,10 @@ from tests.reliability.harness import (
 )
 
 WORKERS = 2  # always-on pool: a fault on one leaves the other serving
-DEAD_AFTER_S = 5.0  # placement declares a silent worker dead after this (its default)
+# Placement declares a silent worker dead after this. Its default (5 s) gave false alarms
+# here: with the broker, the app, the supervisor, two workers and the client on 2 shared
+# cores, a healthy worker's heartbeats (every 0.5 s) went unseen for over 5 s.
+DEAD_AFTER_S = 10.0
 HEARTBEAT_S = 0.5
 # A scale-up no supervisor carried out (it was down) is presumed lost after this and decided
 # again; the default (60 s) is sized for 7B cold starts, the tiny model starts in seconds.
@@ -119,7 +122,11 @@ def stack_config(model: str, model_dir: Path, marker: str, log_dir: Path,
         max_batch=8,
         drain_timeout_s=15.0,
         supervisor_args=("--heartbeat-s", str(HEARTBEAT_S), "--restart-backoff-s", "0.5"),
-        env={"EMBER_RELIABILITY_RUN": marker},
+        # One torch thread per worker, and OpenMP threads that sleep rather than spin while
+        # waiting: two workers on two cores otherwise oversubscribe them (see
+        # benchmarks/decode_throughput.py on OMP_WAIT_POLICY).
+        env={"EMBER_RELIABILITY_RUN": marker, "OMP_NUM_THREADS": "1",
+             "OMP_WAIT_POLICY": "PASSIVE"},
         log_dir=log_dir,
         log_level="INFO",
     )
