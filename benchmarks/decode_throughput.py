@@ -326,6 +326,14 @@ def load_average() -> str:
         return "n/a"
 
 
+def _display_path(path: Path) -> str:
+    """Relative to the repository root when inside it (results are committed)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 # ---- the benchmark -------------------------------------------------------------------------------
 
 
@@ -518,7 +526,7 @@ def summarize(args, runs, copy_bw, read_bw, weights, config, dtype, threads, mod
         "measure_seconds": round(elapsed, 1),
         "model": {
             "size": args.size,
-            "dir": str(model_dir),
+            "dir": _display_path(model_dir),
             "dtype": str(dtype).removeprefix("torch."),
             **weights,
             "kv_bytes_per_step_b1_mean": int(kv * mean_len),
