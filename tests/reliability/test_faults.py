@@ -101,13 +101,13 @@ async def run_scenario(
     name: str, stack: Stack, client: EmberClient, references: dict[str, str], faults: list[Fault],
     *, warmup_s: float = 2.5, every_s: float = 10.0, after_s: float = 6.0,
 ) -> Row:
-    """Traffic at RATE; `faults` one after another, `every_s` apart, starting after
-    `warmup_s`; traffic goes on `after_s` past the last. Then every outcome, the tables back
-    to idle, the pool back to size, no strays; the row is reported and checked."""
+    """Traffic at RATE; `faults` one after another, `every_s` apart and each once the pool
+    is whole again, starting after `warmup_s`; traffic goes on until
+    `after_s` past the last. Then every outcome, the tables back to idle, the pool back to
+    size, no strays; the row is reported and checked."""
     await stack.steady(timeout_s=120)
     traffic = Traffic(client, stack.model, references, timeout_s=TIMEOUT_S)
-    duration = warmup_s + every_s * (len(faults) - 1) + after_s
-    sending = asyncio.create_task(traffic.run(RATE, duration))
+    sending = asyncio.create_task(traffic.run(RATE, 24 * 3600))  # until cancelled below
     notes: list[str] = []
     fault_times: list[float] = []
     try:
@@ -115,11 +115,13 @@ async def run_scenario(
         for i, fault in enumerate(faults):
             if i:
                 await asyncio.sleep(every_s)
+                await stack.steady(timeout_s=120)  # the pool is whole again
             fault_times.append(time.monotonic())
             notes.append(await fault(traffic))
-        await sending
+        await asyncio.sleep(after_s)
     finally:
         sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
         await traffic.settle(SETTLE_S)
     slow_s = traffic.slow_after_s(fault_times[0])
     ends = [*fault_times[1:], math.inf]
@@ -144,7 +146,6 @@ async def run_scenario(
 
 async def test_worker_sigkill_mid_generation(stack: Stack, client, references) -> None:
     async def kill(traffic: Traffic) -> str:
-        await stack.steady(timeout_s=120)  # the pool is whole again after the last fault
         worker_id, pid = await streaming_worker(stack, traffic)
         os.kill(pid, signal.SIGKILL)
         return f"SIGKILL {worker_id}"
@@ -159,7 +160,6 @@ async def test_worker_stalls_past_its_heartbeat(stack: Stack, client, references
     stall_s = DEAD_AFTER_S + 3.0  # past placement's dead_after_s
 
     async def stall(traffic: Traffic) -> str:
-        await stack.steady(timeout_s=120)
         worker_id, pid = await streaming_worker(stack, traffic)
         os.kill(pid, signal.SIGSTOP)
         try:
