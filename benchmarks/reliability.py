@@ -138,9 +138,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--short", action="store_true", help="the CI form, not the long one")
     parser.add_argument("--out", type=Path, default=RESULTS / "reliability.md")
+    parser.add_argument(
+        "--rows", type=Path, nargs="+", default=None,
+        help="render these saved reliability.json files (rows merged, a later scenario of the "
+             "same name replacing an earlier one) instead of running the suite",
+    )
     parser.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     args = parser.parse_args()
-    code, rows, failed, seconds = run_suite(not args.short, args.pytest_args)
+    if args.rows:
+        merged: dict[str, dict[str, Any]] = {}
+        for path in args.rows:
+            for row in json.loads(path.read_text()):
+                merged[row["scenario"]] = row
+        code, rows, failed, seconds = 0, list(merged.values()), [], 0.0
+    else:
+        code, rows, failed, seconds = run_suite(not args.short, args.pytest_args)
     text = table(rows) if rows else "(no rows: the suite reported nothing)"
     if failed:
         text += "\n\nFailed (no row, or a row that broke a check):\n\n" + "\n".join(
@@ -152,8 +164,10 @@ def main() -> int:
         "# Reliability",
         "",
         f"`make reliability` ({form} form, `EMBER_RELIABILITY={form}`), "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds / 60:.1f} min, "
-        f"pytest exit code {code}; {os.cpu_count()} cores, {platform.machine()}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        + (f"rows merged from {', '.join(str(p) for p in args.rows)}; " if args.rows else
+           f"{seconds / 60:.1f} min, pytest exit code {code}; ")
+        + f"{os.cpu_count()} cores, {platform.machine()}, "
         f"Python {platform.python_version()}; a shared, loaded machine: read the counts, "
         "not the absolute times. Columns: see `benchmarks/reliability.py`.",
         "",
