@@ -14,6 +14,14 @@ crash re-delivers every unfinished request; chunks carry (attempt, seq) so the c
 what it already has. Sampling without a seed is seeded from the request id, so a re-delivered
 request regenerates the same text.
 
+Placed records. A record the control plane placed on *another* worker (`worker_id` set, not
+ours) is one an earlier worker of this partition left unread or unfinished when it stopped
+or died. Placement re-sends those (attempt + 1, to a worker it chooses), so this worker skips
+them: one request, one execution. Records nobody placed (no `worker_id`, written straight to
+the model topic) are served by whoever owns the partition, re-delivery included. Heartbeats
+and the `stopped` / `failed` events list what finished since the last one (`done`), so
+placement knows exactly what a worker completed, even between two heartbeats.
+
 Bad records never stop the loop: undecodable or invalid ones go to dead letters with their
 reason, plus a `rejected` chunk when a reply topic can be read from them.
 """
@@ -58,6 +66,7 @@ from schemas import (
     reply_route,
     unpack_map,
 )
+from schemas.limits import MAX_IN_FLIGHT
 from schemas.topics import LIFECYCLE, WORKERS, model_topic_name
 
 log = get_logger(__name__)
@@ -202,6 +211,7 @@ class Worker:
         self._tracker = OffsetTracker()
         self._batcher = ChunkBatcher(config.chunk)
         self._in_flight: dict[str, _InFlight] = {}
+        self._done: list[str] = []  # finished since the last event that listed `done`
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._tp = TopicPartition(config.topic, config.partition)
@@ -254,7 +264,7 @@ class Worker:
                 await self._serve()
             finally:
                 heartbeats.cancel()
-            await self._set_state("stopped", reason="drained")
+            await self._set_state("stopped", reason="drained", done=self._take_done())
             return 0
         except Exception as exc:
             # No terminal chunks for what is in flight and no commit: those requests are not
@@ -263,7 +273,9 @@ class Worker:
             # them; a terminal chunk now would make clients drop the re-run (PROTOCOL §6.2).
             log.exception("worker failed", worker_id=self.config.worker_id)
             with contextlib.suppress(Exception):
-                await self._set_state("failed", reason=f"{type(exc).__name__}: {exc}"[:500])
+                await self._set_state(
+                    "failed", reason=f"{type(exc).__name__}: {exc}"[:500], done=self._take_done()
+                )
             return 1
         finally:
             if self._consumer is not None:
@@ -337,6 +349,13 @@ class Worker:
             await self._dead_letter(record, exc)
             self._tracker.skipped(offset)
             return
+        placed_on = work.worker_id if isinstance(work, AdmittedRequest) else None
+        if placed_on is not None and placed_on != self.config.worker_id:
+            # An earlier worker of this partition did not finish it; placement re-sends it.
+            log.info("request placed on another worker skipped", request_id=request.request_id,
+                     attempt=attempt, placed_on=placed_on)
+            self._tracker.skipped(offset)
+            return
         if request.request_id in self._in_flight:
             # Another copy of a request this worker is running: a re-placement (attempt + 1)
             # on the partition that also holds the uncommitted original. The run in flight
@@ -349,6 +368,7 @@ class Worker:
         if problem_topic is not None:
             await self._dead_letter(record, ReplyTopicError(problem_topic), reply=False)
             self._tracker.skipped(offset)
+            self._done.append(request.request_id)
             return
         if warm is None:  # not placed by the control plane: warm if we were ready before it
             warm = self.ready_at is not None and request.submitted_at >= self.ready_at
@@ -366,6 +386,7 @@ class Worker:
             reason, code, message = problem
             await self._terminal_now(live, reason, code, message)
             self._tracker.skipped(offset)
+            self._done.append(request.request_id)
             return
         self._tracker.consumed(offset)
         self._in_flight[request.request_id] = live
@@ -443,6 +464,7 @@ class Worker:
                 log.warning("terminal chunk undeliverable", request_id=request_id, error=repr(exc))
             live = self._in_flight.pop(request_id)
             self._tracker.done(live.offset)
+            self._done.append(request_id)
             self.served += 1
 
     # -- producing --------------------------------------------------------------------------
@@ -581,9 +603,17 @@ class Worker:
             **fields,
         )
 
-    async def _set_state(self, state: str, reason: str | None = None) -> None:
+    def _take_done(self) -> tuple[str, ...]:
+        """Request ids finished since the last event that listed them (at most one event's
+        worth; the rest go in the next event)."""
+        taken, self._done = self._done[:MAX_IN_FLIGHT], self._done[MAX_IN_FLIGHT:]
+        return tuple(taken)
+
+    async def _set_state(
+        self, state: str, reason: str | None = None, done: tuple[str, ...] | None = None
+    ) -> None:
         previous, self.state = self.state, state
-        event = self._event("state", previous_state=previous, reason=reason)
+        event = self._event("state", previous_state=previous, reason=reason, done=done)
         await self._send(event, LIFECYCLE)
         await (await self._send(event, WORKERS))
         log.info("worker state", state=state, previous=previous, reason=reason)
@@ -612,6 +642,7 @@ class Worker:
                     total_slots=engine.max_batch,
                     queued_tokens=engine.queued_tokens,
                     in_flight=tuple(list(self._in_flight)[:256]),
+                    done=self._take_done(),
                 )
                 await self._send(event, LIFECYCLE)
             except Exception:

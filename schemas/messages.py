@@ -487,7 +487,7 @@ class LifecycleEvent(Message):
     the compacted `ember.workers` topic is its state."""
 
     SCHEMA: ClassVar[Schema] = Schema(
-        "lifecycle_event", 1, 0, (Route(LIFECYCLE, "model"), Route(WORKERS, "worker_id"))
+        "lifecycle_event", 1, 1, (Route(LIFECYCLE, "model"), Route(WORKERS, "worker_id"))
     )
 
     worker_id: str = spec(ID)
@@ -508,6 +508,13 @@ class LifecycleEvent(Message):
     )
     in_flight: tuple[str, ...] = spec(
         ListOf(ID, max_items=MAX_IN_FLIGHT), default=(), doc="request ids it is serving"
+    )
+    done: tuple[str, ...] | None = spec(
+        ListOf(ID, max_items=MAX_IN_FLIGHT),
+        default=None,
+        doc="request ids it finished (terminal chunk acknowledged, or refused) since its "
+        "previous event that listed any; heartbeat, `stopped`, `failed`; nil: not reported "
+        "(since 1.1)",
     )
     span_name: str | None = spec(NAME, default=None, doc="e.g. `weights_load`; kind `span`")
     span_start_at: int | None = spec(TIMESTAMP, default=None, doc="unix ms; kind `span`")

@@ -27,13 +27,18 @@ a re-placed one, the moment its worker was found dead). Requests that waited in 
 `cold` when placed. Pending is ordered interactive, batch, eval; FIFO within a class; requests
 of a dead worker go back at the head of their class. Pending drains whenever room appears.
 
-Completion from heartbeats alone. A request placed on a worker is finished when a heartbeat
-of that worker no longer lists it, having listed it before; or, never listed, when a
-heartbeat of the still `ready` worker was taken `unseen_done_after_s` after the placement
-(short requests finish between two heartbeats; a request still waiting in the partition shows
-up in the next ones, because placement never over-fills a worker). A draining worker stops
-reading its partition, so what it never listed stays assigned and is re-placed when it stops.
-This assumes heartbeats list every request in flight.
+Completion from heartbeats. Workers list what they finished since their previous event
+(`LifecycleEvent.done`, in heartbeats and in the `stopped` / `failed` event): those requests
+are finished, including short ones served between two heartbeats. A request is also finished
+when a heartbeat no longer lists it in flight, having listed it before. For a worker whose
+events carry no `done` (nil: an older worker, a test double), a request never listed is
+taken as finished when a heartbeat of the still `ready` worker was taken
+`unseen_done_after_s` after the placement (a request still waiting in the partition shows up
+in the next ones, because placement never over-fills a worker). A draining worker stops
+reading its partition, so what it neither listed nor reported done stays assigned and is
+re-placed when it stops; the partition's next worker skips those records, placed on another
+worker (see gpu_worker/worker.py), so each is served once. This assumes heartbeats list every
+request in flight.
 
 Dead workers. A worker is dead when it reports `failed`, or `stopped` (after a drain), or its
 heartbeats stop for `dead_after_s` (`start_timeout_s` for a worker still booting, which sends
@@ -41,7 +46,8 @@ no heartbeats). Its unfinished requests are re-placed with attempt + 1
 (`AdmittedRequest.placed_on`), at once where another worker has room, else at the head of
 pending; a request already at `max_attempts` is abandoned (the agent fails it with
 `worker_failed`). A worker that stopped after draining finished what it had read: only the
-requests it never listed are re-placed. If the control plane itself stopped ticking for
+requests it neither listed nor reported done are re-placed; any worker's `done` requests are
+finished, never re-placed. If the control plane itself stopped ticking for
 longer than `dead_after_s`, workers get a fresh grace period instead of all being declared dead.
 
 Time is unix ms (int) from the caller; the worker's clock (`event.at`) is used only to order
@@ -389,7 +395,7 @@ def on_lifecycle(
             return PlacementStep(state)
         cause: Literal["stopped", "failed"] = "failed" if event.state == "failed" else "stopped"
         gone = WorkerGone(worker.worker_id, cause, event.reason or f"reported {event.state}")
-        return _without_workers(spec, state, [(worker, gone)], now)
+        return _without_workers(spec, state, [(worker, gone)], now, frozenset(event.done or ()))
 
     if worker is None:
         worker = WorkerView(event.worker_id, event.state)
@@ -412,17 +418,21 @@ def on_lifecycle(
     reported, finished = worker.reported, []
     if event.kind == "heartbeat":
         reported = frozenset(event.in_flight)
+        done = frozenset(event.done or ())
         in_flight = dict(state.in_flight)
         unseen_done_ms = ms(spec.unseen_done_after_s)
         for rid in worker.assigned:
             flight = in_flight[rid]
-            if rid in reported:
+            if rid in done:
+                finished.append(rid)
+            elif rid in reported:
                 if not flight.seen:
                     in_flight[rid] = InFlight(flight.request, seen=True)
             elif flight.seen:
                 finished.append(rid)
             elif (
-                event.state == "ready"
+                event.done is None
+                and event.state == "ready"
                 and event.at - (flight.request.placed_at or 0) >= unseen_done_ms
             ):
                 finished.append(rid)  # served between two heartbeats
@@ -495,9 +505,11 @@ def _without_workers(
     state: PlacementState,
     dead: list[tuple[WorkerView, WorkerGone]],
     now: int,
+    done: frozenset[str] = frozenset(),
 ) -> PlacementStep:
     """Remove workers; re-place what they left unfinished (see the module docstring), after
-    all of them are gone, so nothing is re-placed onto another of them. Drains pending."""
+    all of them are gone, so nothing is re-placed onto another of them. `done`: request ids
+    the workers reported finished in their last event. Drains pending."""
     left: list[tuple[AdmittedRequest, str]] = []  # (request, reason)
     finished: list[str] = []
     for worker, gone in dead:
@@ -506,8 +518,8 @@ def _without_workers(
             flight = state.in_flight.get(rid)
             if flight is None:
                 continue
-            if gone.cause == "stopped" and flight.seen:
-                finished.append(rid)  # a drained worker finished what it had read
+            if rid in done or (gone.cause == "stopped" and flight.seen):
+                finished.append(rid)  # reported done, or read by a worker that drained
             else:
                 left.append((flight.request, why))
     gone_ids = {worker.worker_id for worker, _ in dead}

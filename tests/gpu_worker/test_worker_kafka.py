@@ -232,6 +232,9 @@ async def test_worker_streams_tokens_and_answers_every_record(kafka_settings, ti
     states = [e.state for e in events if e.kind == "state"]
     assert states == ["starting", "loading", "warming", "ready", "stopped"]
     assert any(e.kind == "heartbeat" and e.total_slots == 4 for e in events)
+    done = [rid for e in events for rid in (e.done or ())]
+    answered = {m.request_id for m in [*good, too_long, other_model, nowhere]}
+    assert sorted(done) == sorted(answered), "each request it answered reported done once"
     spans = {e.span_name for e in events if e.kind == "span"}
     assert {"process", "weights_load", "warm_up", "runtime_ready", "first_token"} <= spans
 
@@ -273,8 +276,9 @@ async def test_a_killed_worker_leaves_its_request_to_the_next_one(kafka_settings
 
 
 async def test_a_second_copy_of_a_request_in_flight_is_not_answered(kafka_settings, tiny_model):
-    """A re-placed copy (attempt 2) on the partition that still holds the uncommitted
-    original, read while the original runs: one stream, one terminal chunk, the full text."""
+    """A second copy (attempt 2) of a request this worker runs, read while the original
+    runs: one stream, one terminal chunk, the full text. A record placed on another worker
+    (an earlier worker of the partition; placement re-sends those) gets no answer here."""
     model, reply = f"tiny-{uuid.uuid4().hex[:8]}", f"test.replies.{uuid.uuid4().hex[:8]}"
     await _topics(kafka_settings, model, reply)
     config = WorkerConfig(
@@ -289,10 +293,12 @@ async def test_a_second_copy_of_a_request_in_flight_is_not_answered(kafka_settin
         await asyncio.sleep(0.1)
     assert worker.state == "ready"
     original = admitted(model, "once upon a time", reply, max_tokens=200)
-    original = original.placed_on("w-gone", warm=True, at=now_ms())
-    again = original.placed_on("w-next", warm=True, at=now_ms())
+    stale = admitted(model, "once upon a time", reply, max_tokens=8)
+    stale = stale.placed_on("w-gone", warm=True, at=now_ms())
+    original = original.placed_on(config.worker_id, warm=True, at=now_ms())
+    again = original.placed_on(config.worker_id, warm=True, at=now_ms())
     assert again.attempt == 2
-    await produce(kafka_settings, config.topic, 0, msgs=[original, again])
+    await produce(kafka_settings, config.topic, 0, msgs=[stale, original, again])
     replies = await collect(kafka_settings, reply, {original.request_id}, 60)
     await asyncio.sleep(1.0)  # a second terminal chunk would come right after the first
     replies = await collect(kafka_settings, reply, {original.request_id}, 10)
@@ -304,3 +310,7 @@ async def test_a_second_copy_of_a_request_in_flight_is_not_answered(kafka_settin
     assert sum(1 for c in replies.chunks[rid] if c.is_last) == 1
     assert replies.received[rid] == len(replies.chunks[rid]), "nothing sent for the copy"
     assert replies.text(rid) == expected_greedy(tiny_model, "once upon a time", 200)
+    stale_chunks = await read_all(
+        kafka_settings, reply, TokenChunk, lambda c: c.request_id == stale.request_id
+    )
+    assert stale_chunks == [], "placed on another worker: not served here"

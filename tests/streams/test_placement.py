@@ -309,6 +309,41 @@ def test_a_drained_worker_that_stops_only_hands_back_what_it_never_read():
     assert step.state.completed_total == 1  # r1, which it had read, it finished
 
 
+def test_a_request_served_between_heartbeats_then_a_drain_is_not_served_twice():
+    """The worker reports r1 done in its `stopped` event (it finished between its last
+    heartbeat and the drain): finished, not re-placed. r2 it never read: re-placed."""
+    state = ready(PlacementState(MODEL), "w-0", "w-1")
+    state, _ = place(state, "r1", "r2", "r3")  # r1, r3 on w-0; r2 on w-1
+    hb = event("w-0", T0 + 500, in_flight=(), total_slots=4, done=())
+    state = on_lifecycle(SPEC, state, hb, T0 + 500).state
+    state = on_lifecycle(SPEC, state, event("w-0", T0 + 600, "draining"), T0 + 600).state
+    step = on_lifecycle(SPEC, state, event("w-0", T0 + 700, "stopped", done=("r1",)), T0 + 700)
+    assert [(x.request.request_id, x.outcome) for x in step.reassignments] == [("r3", "replaced")]
+    assert step.state.completed_total == 1 and "r1" not in step.state.in_flight
+
+
+def test_a_worker_that_reports_done_is_never_guessed_finished():
+    """With `done` in its heartbeats, a request the worker has not listed yet (still in the
+    partition) stays assigned past the grace, and finishes when reported done."""
+    state = ready(PlacementState(MODEL), "w-0")
+    state, _ = place(state, "r1", at=T0)
+    late = T0 + int(SPEC.unseen_done_after_s * 1000) + 5_000
+    hb = event("w-0", late, in_flight=(), total_slots=4, done=())
+    state = on_lifecycle(SPEC, state, hb, late).state
+    assert state.workers["w-0"].assigned == {"r1"}
+    hb = event("w-0", late + 1_000, in_flight=(), total_slots=4, done=("r1", "other"))
+    state = on_lifecycle(SPEC, state, hb, late + 1_000).state
+    assert state.workers["w-0"].assigned == frozenset() and state.completed_total == 1
+
+
+def test_a_failed_worker_hands_back_only_what_it_did_not_report_done():
+    state = ready(PlacementState(MODEL), "w-0", "w-1")
+    state, _ = place(state, "r1", "r2", "r3")  # r1, r3 on w-0
+    step = on_lifecycle(SPEC, state, event("w-0", T0 + 100, "failed", done=("r1",)), T0 + 100)
+    assert [(x.request.request_id, x.outcome) for x in step.reassignments] == [("r3", "replaced")]
+    assert step.state.completed_total == 1
+
+
 def test_booting_workers_get_a_start_timeout_not_the_heartbeat_one():
     spec = PlacementSpec(MODEL, dead_after_s=5, start_timeout_s=60)
     state = on_lifecycle(spec, PlacementState(MODEL), event("w-0", T0, "loading"), T0).state
