@@ -1,4 +1,5 @@
-"""Control plane: latency admission + placement add to a request, and one process's throughput.
+"""Control plane: latency admission + placement add to a request, one process's throughput,
+and a serving worker's intake while another worker is added.
 
 Two targets, measured side by side in one run (the machine is shared and noisy, so the ratio
 is the steadier figure):
@@ -22,7 +23,14 @@ behind and works through the backlog, so the rate at which placed records arrive
 capacity: reported over the middle 80 % of arrivals, with the CPU seconds the target process
 used (/proc), as requests per CPU second.
 
-    .venv/bin/python benchmarks/control_plane.py                      # ~3-5 min
+Intake gap (ember only, `measure_intake`): two lightweight worker processes
+(`--serve-worker`: gpu_worker's assigned-partition consumer and lifecycle events, no model)
+on a second model of the same streams process; one serves a steady flow, then the other is
+started and gets placements. The serving worker's per-record intake times give the gaps
+between consecutive intakes, without and around the add, side by side, split into what
+placement's spacing of its sends explains and what it does not (records left untaken).
+
+    .venv/bin/python benchmarks/control_plane.py                      # ~4-6 min
     .venv/bin/python benchmarks/control_plane.py --requests 2000 --latency-requests 100 --runs 1
 
 Writes benchmarks/results/control_plane.md (and prints it). The machine's load average is
@@ -51,6 +59,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import msgpack
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -75,6 +84,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 HEARTBEAT_S = 0.25
 SLOTS = 4096
 WORKERS = 4
+# The intake-gap model: real (lightweight) worker processes, each assigned its partition.
+INTAKE_SLOTS = 256
+INTAKE_PACK_BELOW = 0.0  # least loaded: the added worker gets placements at once
+INTAKE_HEARTBEAT_S = 0.25
+INTAKE_IDLE_POLL_MS = 100  # as gpu_worker's WorkerConfig.idle_poll_ms
+INTAKE_STEP_MS = 10  # getmany timeout while requests run: stands in for an engine step
 
 
 def progress(msg: str) -> None:
@@ -123,6 +138,7 @@ class Target:
     placed: str
     admitted: str | None
     log: Path
+    intake_model: str | None = None  # ember: a model with no fake workers (intake gap)
 
 
 @contextlib.asynccontextmanager
@@ -130,23 +146,32 @@ async def ember_target(
     kafka: KafkaSettings, workdir: Path, profile: Path | None
 ) -> AsyncIterator[Target]:
     run = uuid.uuid4().hex[:8]
-    group, model = f"ember-bench-{run}", f"bench-{run}"
+    group, model, intake = f"ember-bench-{run}", f"bench-{run}", f"intake-{run}"
     config = workdir / "streams.json"
     unbounded = {"interactive": 10**6, "batch": 10**6, "eval": 10**6}
+    admission = {"queue_bounds": unbounded, "pressure_bound": 10**6, "context_tokens": 8192}
     config.write_text(json.dumps({
-        "models": {model: {
-            "slots": SLOTS,
-            "placement": {"dead_after_s": 60.0, "unseen_done_after_s": 0.3},
-            "admission": {"queue_bounds": unbounded, "pressure_bound": 10**6,
-                          "context_tokens": 8192},
-            "scaling": {"ceiling": 64},
-        }},
+        "models": {
+            model: {
+                "slots": SLOTS,
+                "placement": {"dead_after_s": 60.0, "unseen_done_after_s": 0.3},
+                "admission": admission,
+                "scaling": {"ceiling": 64},
+            },
+            intake: {
+                "slots": INTAKE_SLOTS,
+                "placement": {"dead_after_s": 60.0, "unseen_done_after_s": 0.3,
+                              "pack_below": INTAKE_PACK_BELOW},
+                "admission": admission,
+                "scaling": {"ceiling": 64},
+            },
+        },
         "autoscaler": {"policy": "always_on", "workers": WORKERS},
     }))
     port = free_port()
     env = {
         **os.environ,
-        "EMBER_MODELS": model,
+        "EMBER_MODELS": f"{model},{intake}",
         "EMBER_STREAMS_CONFIG": str(config),
         "EMBER_STREAMS_GROUP": group,
         "EMBER_STREAMS_STORE": "memory://",
@@ -160,7 +185,7 @@ async def ember_target(
             [sys.executable, *profiler, "-m", "infra.cli", "--log-level", "WARNING", "streams"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
-    target = Target("ember", proc, REQUESTS, model_topic_name(model), ADMITTED, log)
+    target = Target("ember", proc, REQUESTS, model_topic_name(model), ADMITTED, log, intake)
     producer = AIOKafkaProducer(**kafka.aiokafka_kwargs(), linger_ms=0)
     await producer.start()
     beats: asyncio.Task[None] | None = None
@@ -174,7 +199,8 @@ async def ember_target(
             await asyncio.gather(beats, return_exceptions=True)
         await producer.stop()
         await stop(proc)
-        await delete_topics(kafka, lambda t: t.startswith(group) or t == target.placed)
+        await delete_topics(kafka, lambda t: t.startswith(group) or t in (
+            target.placed, model_topic_name(intake)))
 
 
 @contextlib.asynccontextmanager
@@ -278,6 +304,189 @@ async def forward(kafka: KafkaSettings, requests: str, admitted: str, placed: st
             asyncio.create_task(hop(admitted, placed, 0))]
     print("forwarding", flush=True)
     await asyncio.gather(*hops)
+
+
+# --- the intake-gap measurement ---------------------------------------------------------------
+
+
+async def serve_worker(kafka: KafkaSettings, model: str, worker_id: str, partition: int,
+                       service_ms: float, out_path: Path) -> None:
+    """A lightweight serving worker (run as `--serve-worker`): gpu_worker's intake without a
+    model. Its partition of the model topic is *assigned* (no group membership; the same
+    consumer settings as gpu_worker.worker); it announces itself on `ember.lifecycle` like a
+    real worker (state events, then heartbeats listing what it runs) and "serves" each request
+    for `service_ms`. Writes every record's intake time (time.time() when getmany returned
+    it), the record's CreateTime and offset to `out_path` (JSON) when SIGTERM stops it."""
+    started = time.time()
+    topic = model_topic_name(model)
+    tp = TopicPartition(topic, partition)
+    producer = AIOKafkaProducer(**kafka.aiokafka_kwargs(), linger_ms=0)
+    await producer.start()
+    state = "starting"
+    running: dict[str, float] = {}  # request id -> monotonic time it finishes
+    intake: list[tuple[float, int, int]] = []
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+
+    async def announce(kind: str, new_state: str, **extra: Any) -> None:
+        nonlocal state
+        previous, state = state, new_state
+        fields = {"previous_state": previous} if kind == "state" else {}
+        event = LifecycleEvent(worker_id=worker_id, model=model, kind=kind, state=new_state,
+                               at=now_ms(), partition=partition, node=platform.node(),
+                               **fields, **extra)
+        rec = record_for(event, LIFECYCLE)
+        await producer.send_and_wait(rec.topic, rec.value, key=rec.key, headers=rec.headers)
+
+    async def heartbeats() -> None:
+        while True:
+            ids = tuple(running)[:256]
+            await announce("heartbeat", "ready", free_slots=max(INTAKE_SLOTS - len(ids), 0),
+                           total_slots=INTAKE_SLOTS, queued_tokens=0, in_flight=ids)
+            await asyncio.sleep(INTAKE_HEARTBEAT_S)
+
+    await announce("state", "warming")
+    consumer = AIOKafkaConsumer(
+        **kafka.aiokafka_kwargs(), client_id=f"ember-worker-{worker_id}",
+        group_id=f"ember.worker.{topic}", enable_auto_commit=False,
+        auto_offset_reset="latest", isolation_level="read_committed",
+    )
+    await consumer.start()
+    consumer.assign([tp])
+    await consumer.seek_to_end(tp)
+    await consumer.position(tp)
+    ready_at = time.time()
+    await announce("state", "ready")
+    beats = asyncio.create_task(heartbeats())
+    while not stop.is_set():
+        timeout = INTAKE_STEP_MS if running else INTAKE_IDLE_POLL_MS
+        room = INTAKE_SLOTS - len(running)
+        batches = await consumer.getmany(tp, timeout_ms=timeout, max_records=max(room, 1))
+        got = time.time()
+        mono = time.monotonic()
+        for r in batches.get(tp, []):
+            intake.append((got, r.timestamp, r.offset))
+            running[(r.key or b"").decode()] = mono + service_ms / 1000
+        for rid in [rid for rid, end in running.items() if end <= mono]:
+            del running[rid]
+    beats.cancel()
+    await asyncio.gather(beats, return_exceptions=True)
+    await consumer.stop()
+    await producer.stop()
+    out_path.write_text(json.dumps({"worker_id": worker_id, "started": started,
+                                    "ready": ready_at, "intake": intake}))
+
+
+@dataclass
+class IntakeWindow:
+    """Consecutive intakes of the serving worker within one window, in ms: the gap between
+    two intakes, the gap between the two records' CreateTimes (placement's sends, so what of
+    an intake gap placement caused by sending elsewhere) and the excess of the first over the
+    second (time the records were on the partition and not taken in: a paused intake)."""
+
+    name: str
+    seconds: float
+    records: int
+    gaps: list[float]
+    sent_gaps: list[float]
+    excess: list[float]
+    delay: list[float]  # intake - CreateTime per record
+
+
+def intake_window(name: str, intake: list[list[float]], lo: float, hi: float) -> IntakeWindow:
+    rows = [r for r in intake if lo <= r[0] < hi]
+    gaps, sent, excess = [], [], []
+    for (t0, c0, _), (t1, c1, _) in zip(rows, rows[1:]):
+        gaps.append((t1 - t0) * 1000)
+        sent.append(float(c1 - c0))
+        excess.append((t1 - t0) * 1000 - (c1 - c0))
+    delay = [t * 1000 - c for t, c, _ in rows]
+    return IntakeWindow(name, hi - lo, len(rows), gaps, sent, excess, delay)
+
+
+@dataclass
+class Intake:
+    rate: float
+    service_ms: float
+    windows: list[IntakeWindow]
+    added_ready_s: float  # the added worker: process start -> ready
+    added_first_s: float | None  # process start -> its first placed request taken in
+    added_records: int
+    load: float
+
+
+async def start_worker(model: str, worker_id: str, partition: int, service_ms: float,
+                       workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    out_path = workdir / f"{worker_id}.json"
+    log = (workdir / f"{worker_id}.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve-worker", model, worker_id, str(partition),
+         str(service_ms), str(out_path)],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    )
+    return proc, out_path
+
+
+async def stop_worker(proc: subprocess.Popen[bytes], out_path: Path) -> dict[str, Any]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.to_thread(proc.wait, 30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    if not out_path.exists():
+        raise SystemExit(f"the serving worker wrote no intake; see {out_path.with_suffix('.log')}")
+    data: dict[str, Any] = json.loads(out_path.read_text())
+    return data
+
+
+async def measure_intake(producer: AIOKafkaProducer, target: Target, workdir: Path,
+                         rate: float, window_s: float, service_ms: float) -> Intake:
+    """A serving worker (partition 0) takes a steady flow of `rate` requests/s through
+    admission and placement; `baseline_s` later a second worker process is started on
+    partition 1 (it announces itself ready and gets placements: least-loaded placement sends
+    it the next requests); the flow goes on for `after_s`. Windows of the serving worker's
+    intake: the baseline (the same length as the add window, before the add), and around the
+    add (from the second process's start until the flow stops)."""
+    baseline_s = after_s = window_s
+    assert target.intake_model is not None
+    model = target.intake_model
+    serving, serving_out = await start_worker(model, "intake-serving", 0, service_ms, workdir)
+    flow_stop = asyncio.Event()
+    run_id = f"i{uuid.uuid4().hex[:6]}-"
+
+    async def flow() -> None:
+        period, n = 1.0 / rate, 0
+        t0 = time.monotonic()
+        while not flow_stop.is_set():
+            rid = f"{run_id}{n:09d}"
+            await producer.send(target.requests, request_bytes(model, rid), key=rid.encode())
+            n += 1
+            delay = t0 + n * period - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    await asyncio.sleep(3.0)  # the serving worker starts, announces itself, is placed on
+    flowing = asyncio.create_task(flow())
+    try:
+        await asyncio.sleep(2.0 + baseline_s)  # 2 s of warm-up, then the baseline
+        added_at = time.time()
+        added, added_out = await start_worker(model, "intake-added", 1, service_ms, workdir)
+        await asyncio.sleep(after_s)
+    finally:
+        flow_stop.set()
+        await flowing
+    await asyncio.sleep(1.0)
+    serving_data = await stop_worker(serving, serving_out)
+    added_data = await stop_worker(added, added_out)
+    end = added_at + after_s
+    rows = serving_data["intake"]
+    windows = [
+        intake_window("baseline (no add)", rows, added_at - after_s, added_at),
+        intake_window("around the add", rows, added_at, end),
+    ]
+    first = added_data["intake"][0][0] - added_at if added_data["intake"] else None
+    return Intake(rate, service_ms, windows, added_data["ready"] - added_at, first,
+                  len(added_data["intake"]), load_average())
 
 
 # --- watching what comes out ------------------------------------------------------------------
@@ -399,9 +608,18 @@ class Throughput:
 
 
 async def measure_throughput(producer: AIOKafkaProducer, w: Watch, target: Target, model: str,
-                             run_id: str, count: int) -> Throughput:
+                             run_id: str, count: int, py_spy: Path | None = None) -> Throughput:
     ids = [f"{run_id}{i:09d}" for i in range(count)]
     values = [request_bytes(model, rid) for rid in ids]
+    spy = None
+    if py_spy is not None and target.name == "ember":
+        spy = subprocess.Popen(
+            [str(Path(sys.executable).with_name("py-spy")), "record", "--pid",
+             str(target.proc.pid), "--idle", "--rate", "250", "--format", "raw", "-o",
+             str(py_spy.with_suffix(f".{run_id.strip('-')}.txt"))],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        await asyncio.sleep(1.0)
     cpu0 = cpu_seconds(target.proc.pid)
     start = time.time()
     for rid, value in zip(ids, values):
@@ -411,6 +629,9 @@ async def measure_throughput(producer: AIOKafkaProducer, w: Watch, target: Targe
     while time.monotonic() < deadline and sum(rid in w.placed for rid in ids) < count:
         await asyncio.sleep(0.2)
     cpu = cpu_seconds(target.proc.pid) - cpu0
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)
+        await asyncio.to_thread(spy.wait, 30)
     times = sorted(w.placed[rid].received for rid in ids if rid in w.placed)
     lo, hi = len(times) // 10, (len(times) * 9) // 10
     rate = (hi - lo) / (times[hi] - times[lo]) if hi > lo and times[hi] > times[lo] else 0.0
@@ -422,7 +643,7 @@ async def measure_throughput(producer: AIOKafkaProducer, w: Watch, target: Targe
 
 
 def report(args: argparse.Namespace, lat: dict[str, Latency], thr: list[Throughput],
-           loads: list[float]) -> str:
+           loads: list[float], intake: Intake | None) -> str:
     def row(name: str, values: list[float]) -> str:
         if not values:
             return f"| {name} | - | - | - | 0 |"
@@ -490,13 +711,67 @@ def report(args: argparse.Namespace, lat: dict[str, Latency], thr: list[Throughp
         f"second).",
         "",
     ]
+    if intake is not None:
+        lines += intake_report(intake)
     return "\n".join(lines)
+
+
+def intake_report(intake: Intake) -> list[str]:
+    def cells(values: list[float]) -> str:
+        if not values:
+            return "- | - | - | -"
+        return (f"{percentile(values, 0.5):.1f} | {percentile(values, 0.99):.1f} | "
+                f"**{max(values):.1f}**")
+
+    base, add = intake.windows
+    worst = max(add.gaps) if add.gaps else float("inf")
+    stall = max(add.excess) if add.excess else float("inf")
+    first = "-" if intake.added_first_s is None else f"{intake.added_first_s:.2f} s"
+    lines = [
+        "## Intake of a serving worker while another worker is added",
+        "",
+        f"One serving worker (partition 0 of its model's topic) takes a steady {intake.rate:g} "
+        f"requests/s through admission and placement (it holds each for "
+        f"{intake.service_ms:g} ms and lists it in its heartbeats every "
+        f"{INTAKE_HEARTBEAT_S:g} s; placement least-loaded, {INTAKE_SLOTS} slots). Then a "
+        "second worker process starts on partition 1, announces itself `ready` on "
+        "`ember.lifecycle` and gets placements. Both are lightweight workers "
+        "(`--serve-worker`: gpu_worker's assigned-partition intake and lifecycle events, no "
+        f"model). The added worker was ready {intake.added_ready_s:.2f} s after its process "
+        f"started, took in its first request at {first} and {intake.added_records} in all. "
+        f"Load average at the end: {intake.load:.1f}.",
+        "",
+        "Gaps between consecutive intakes of the serving worker (ms): *intake gap* between "
+        "the times it took two records in; *sent gap* between the two records' CreateTimes "
+        "(when placement sent them: least-loaded placement sends the added worker the next "
+        "requests until its load matches, so the serving worker is sent nothing for a while, "
+        "by policy); *not taken in*: intake gap minus sent gap, time records waited on the "
+        "partition beyond placement's spacing (a paused intake would show here).",
+        "",
+        "| window | s | records | intake gap p50 | p99 | max | sent gap p50 | p99 | max | "
+        "not taken in p50 | p99 | max |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for w in intake.windows:
+        lines.append(f"| {w.name} | {w.seconds:.0f} | {w.records} | {cells(w.gaps)} | "
+                     f"{cells(w.sent_gaps)} | {cells(w.excess)} |")
+    lines += [
+        "",
+        f"Largest intake gap around the add: **{worst:.1f} ms** (baseline: "
+        f"{max(base.gaps) if base.gaps else float('nan'):.1f} ms); of it, not taken in: "
+        f"**{stall:.1f} ms** at most (baseline {max(base.excess) if base.excess else 0:.1f} "
+        f"ms). Target < 100 ms: **{'met' if worst < 100 else 'not met'}** on the intake gap; "
+        f"**{'met' if stall < 100 else 'not met'}** on the time not taken in.",
+        "",
+    ]
+    return lines
 
 
 async def main(args: argparse.Namespace) -> str:
     kafka = KafkaSettings.from_env()
     lat: dict[str, Latency] = {}
     thr: list[Throughput] = []
+    intake: Intake | None = None
     loads = [load_average()]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
@@ -525,12 +800,18 @@ async def main(args: argparse.Namespace) -> str:
                         producer, w, t, model, run_id + "l", args.latency_requests, args.gap_s
                     )
                     loads.append(load_average())
+                if not args.no_intake:
+                    progress(f"ember: intake gap ({args.intake_window_s:g} s without, then "
+                             f"{args.intake_window_s:g} s around adding a worker)")
+                    intake = await measure_intake(producer, ember, workdir, args.intake_rate,
+                                                  args.intake_window_s, args.intake_service_ms)
+                    loads.append(intake.load)
                 for i in range(args.runs):
                     for t in targets if i % 2 == 0 else targets[::-1]:
                         w, run_id = watches[t.name]
                         await asyncio.sleep(2.0)  # in-flight counts drain between runs
                         result = await measure_throughput(
-                            producer, w, t, model, f"{run_id}{i}-", args.requests
+                            producer, w, t, model, f"{run_id}{i}-", args.requests, args.py_spy
                         )
                         thr.append(result)
                         loads.append(result.load)
@@ -538,7 +819,7 @@ async def main(args: argparse.Namespace) -> str:
                                  f"{result.overall_rate:.0f} placed/s")
         finally:
             await producer.stop()
-    return report(args, lat, thr, loads)
+    return report(args, lat, thr, loads, intake)
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -550,13 +831,29 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-floor", action="store_true", help="measure ember only")
     parser.add_argument("--out", type=Path, default=RESULTS / "control_plane.md")
     parser.add_argument("--profile", type=Path, help="cProfile the streams process into PATH")
+    parser.add_argument("--py-spy", type=Path, metavar="PATH",
+                        help="py-spy record (raw, with idle) the streams process during each "
+                        "throughput run into PATH.<run>.txt (py-spy from PyPI)")
     parser.add_argument("--workdir", type=Path, help="keep the streams config and logs here")
+    parser.add_argument("--no-intake", action="store_true", help="skip the intake-gap part")
+    parser.add_argument("--intake-rate", type=float, default=100.0, help="requests/s")
+    parser.add_argument("--intake-window-s", type=float, default=8.0,
+                        help="baseline window, then the window around adding a worker")
+    parser.add_argument("--intake-service-ms", type=float, default=50.0,
+                        help="how long the lightweight workers hold a request")
+    parser.add_argument("--serve-worker", nargs=5, help=argparse.SUPPRESS,
+                        metavar=("MODEL", "WORKER_ID", "PARTITION", "SERVICE_MS", "OUT"))
     parser.add_argument("--forward", nargs=3, metavar="TOPIC", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
     arguments = parse()
+    if arguments.serve_worker:
+        m, wid, part, svc, path = arguments.serve_worker
+        asyncio.run(serve_worker(KafkaSettings.from_env(), m, wid, int(part), float(svc),
+                                 Path(path)))
+        sys.exit(0)
     if arguments.forward:
         asyncio.run(forward(KafkaSettings.from_env(), *arguments.forward))
         sys.exit(0)
