@@ -34,8 +34,9 @@ neighbouring blocks overlap; `preadv`, zlib/hashlib and CUDA copies all release 
 
 Checksums are verified on every load by default. `verify=False` skips them: the bytes were
 verified when the shard entered the node (the shard cache checks each shard's sha256) and the
-per-load check is CPU work on the critical path (crc32 runs at ~1 GB/s per core on the
-development VM), so skipping is for a node that trusts its local disk and wants the last
+per-load check is CPU work on the critical path (gpu_worker.checksum: zlib-ng's CRC-32 runs at
+~10 GB/s per core on the development VM, faster than the page cache can be read; the fallback,
+zlib's, at ~3 GB/s), so skipping is for a node that trusts its local disk and wants the last
 fraction of a second. Benchmarks report both.
 
 `load_runtime(path, ...)` is the worker's cold path on either a packed artifact (snapshot
