@@ -48,7 +48,7 @@ def failures(junit: Path) -> list[str]:
     for case in ET.parse(junit).iter("testcase"):
         for bad in (*case.findall("failure"), *case.findall("error")):
             message = (bad.get("message") or "").strip().splitlines()
-            found.append(f"{case.get('name')}: {message[0][:300] if message else bad.tag}")
+            found.append(f"{case.get('name')}: {message[0][:1500] if message else bad.tag}")
     return found
 
 
@@ -106,14 +106,24 @@ def details(rows: list[dict[str, Any]]) -> str:
             c = extra["counts"]
             out.append(f"- client: {c.get('restarts', 0)} restarted streams, "
                        f"{c.get('dropped_chunks', 0)} duplicate chunks dropped by the SDK")
+        if extra.get("targets_streamed_again"):
+            out.append(f"- the long request each fault aimed at: output streamed again "
+                       f"{extra['targets_streamed_again']} times (restarted or repeated chunks)")
+        if extra.get("not_recovered"):
+            out.append(f"- did not recover: {extra['not_recovered']}")
         if "reasons" in extra:
             out.append(f"- dead letters by reason: {extra['reasons']}")
             out.append(f"- answers by finish reason and code: {extra['answers']}")
             out.append(f"- cases by shape: {extra['kinds']} (seed {extra['seed']})")
+            if extra.get("queue_peaks") is not None:
+                out.append(f"- placement queue at its highest during the fuzz: "
+                           f"{extra['queue_peaks']}; back to 0 {extra.get('idle_after_s')} s "
+                           "after the last answer")
         if "hold" in extra:
             hold = extra["hold"]
-            out.append(f"- held rate {extra['rate']} req/s (80 % of the best step, "
-                       f"{extra['best_rate']} req/s)")
+            out.append(f"- held rate {extra['rate']} req/s " + (
+                f"(80 % of the best step, {extra['best_rate']} req/s)" if extra["best_rate"]
+                else "(no ramp step held: the floor rate)"))
             out.append(f"- TTFT ms p50/p95/p99: {hold['ttft_ms']['p50']}/"
                        f"{hold['ttft_ms']['p95']}/{hold['ttft_ms']['p99']}; latency s "
                        f"p50/p95/p99: {hold['latency_s']['p50']}/{hold['latency_s']['p95']}/"

@@ -36,6 +36,8 @@ from infra.topics import apply_topics
 from schemas.client import EmberClient, Timeouts
 from schemas.topics import core_topics
 from tests.reliability.harness import (
+    FAULT_PROMPT,
+    FAULT_TOKENS,
     LENGTHS,
     PROMPTS,
     cmdline,
@@ -56,10 +58,18 @@ HEARTBEAT_S = 0.5
 LAUNCH_GRACE_S = 20.0
 
 
+# Ports other brokers on this machine are configured with (the default one and its
+# controller, the usual alternatives): free now, they may be bound later, so never ours.
+_TAKEN = {9092, 9093, 19092, 19093, 29092, 29093, 39092, 39093}
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _TAKEN:
+            return port
 
 
 @dataclass
@@ -103,7 +113,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="package")
 def references(tiny_model: Path) -> dict[tuple[str, int], str]:
-    return greedy_texts(tiny_model, PROMPTS, LENGTHS)
+    return {**greedy_texts(tiny_model, PROMPTS, LENGTHS),
+            **greedy_texts(tiny_model, [FAULT_PROMPT], [FAULT_TOKENS])}
 
 
 def stack_config(model: str, model_dir: Path, marker: str, log_dir: Path,

@@ -51,8 +51,13 @@ PROMPTS = (
     "a cold start is a slow start",
 )
 MAX_TOKENS = 24
-LONG_TOKENS = 64  # every fourth request: long enough to be caught mid-generation
+LONG_TOKENS = 64  # every fourth request
 LENGTHS = (MAX_TOKENS, MAX_TOKENS, MAX_TOKENS, LONG_TOKENS)
+# A worker fault's target: one request this long (seconds of decoding, even for the tiny
+# model on an idle machine), sent on its own, and the fault lands once its first chunks
+# reached the client, so it is caught mid-generation whatever the machine's speed.
+FAULT_PROMPT = PROMPTS[0]
+FAULT_TOKENS = 768
 ANSWERED = ("completed", "rejected", "failed", "cancelled")
 
 
@@ -117,7 +122,8 @@ class Traffic:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _n: int = 0
 
-    async def _one(self, prompt: str, max_tokens: int) -> None:
+    async def _one(self, prompt: str, max_tokens: int,
+                   sent: asyncio.Future[str] | None = None) -> None:
         t0 = time.monotonic()
         self.submitted += 1
         try:
@@ -129,8 +135,12 @@ class Traffic:
             rid = f"unsent-{self._n}-{id(exc)}"
             self.outcomes[rid] = Outcome(rid, prompt, t0, time.monotonic(), "submit_error",
                                          type(exc).__name__, max_tokens=max_tokens)
+            if sent is not None and not sent.done():
+                sent.set_exception(exc)
             return
         rid = handle.request.request_id
+        if sent is not None and not sent.done():
+            sent.set_result(rid)
         first = None
 
         def ended(kind: str, code: str | None = None, **more: Any) -> Outcome:
@@ -165,14 +175,20 @@ class Traffic:
         assert rid not in self.outcomes, f"two outcomes for {rid}"
         self.outcomes[rid] = outcome
 
-    def submit(self) -> None:
-        """Submit one request now (in the background)."""
-        prompt = PROMPTS[self._n % len(PROMPTS)]
-        max_tokens = self.lengths[self._n % len(self.lengths)]
-        self._n += 1
-        task = asyncio.create_task(self._one(prompt, max_tokens))
+    def submit(self, prompt: str | None = None,
+               max_tokens: int | None = None) -> asyncio.Future[str]:
+        """Submit one request now (in the background): the next of the rotation, or this
+        prompt and length (a greedy reference of them must exist). The future gives its
+        request id once it is produced."""
+        if prompt is None or max_tokens is None:
+            prompt = PROMPTS[self._n % len(PROMPTS)]
+            max_tokens = self.lengths[self._n % len(self.lengths)]
+            self._n += 1
+        sent: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._one(prompt, max_tokens, sent))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return sent
 
     async def run(self, rate_per_s: float, duration_s: float) -> None:
         """Submit at `rate_per_s` (evenly spaced, with jitter) for `duration_s`."""
@@ -211,6 +227,19 @@ class Traffic:
         counts["restarts"] = sum(o.restarts for o in self.outcomes.values())
         counts["dropped_chunks"] = sum(o.dropped for o in self.outcomes.values())
         return counts
+
+    async def streaming_on(self, request_id: str, timeout_s: float) -> str:
+        """Wait until `request_id`'s first chunks reached the client; the worker streaming
+        it. AssertionError if it ended first or nothing came within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if request_id in self.streaming:
+                return self.streaming[request_id][0]
+            if request_id in self.outcomes:
+                raise AssertionError(f"{request_id} ended before it was seen streaming: "
+                                     f"{self.outcomes[request_id]}")
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{request_id}: no chunk within {timeout_s} s")
 
     def mid_stream(self, at: float) -> int:
         """Requests that had output at `at` and ended after it (caught mid-generation)."""

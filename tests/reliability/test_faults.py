@@ -30,8 +30,9 @@ import pytest
 from schemas.client import EmberClient
 from tests.reliability.conftest import DEAD_AFTER_S, WORKERS, Broker, Stack
 from tests.reliability.harness import (
+    FAULT_PROMPT,
+    FAULT_TOKENS,
     LONG,
-    LONG_TOKENS,
     Row,
     Traffic,
     cmdline,
@@ -74,37 +75,32 @@ async def no_strays(stack: Stack, timeout_s: float = 30.0) -> None:
     assert not left, "stray processes: " + "; ".join(f"{p}: {cmdline(p)}" for p in left)
 
 
-async def streaming_worker(stack: Stack, traffic: Traffic,
-                           timeout_s: float = 60.0) -> tuple[str, int]:
-    """(worker id, pid) of a worker that is streaming a request to the client right now
-    (its first chunks arrived, its last has not): one with a long request if there is one
-    (it is still streaming when the fault lands), else the one with most streams."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        pids = stack.worker_pids()
-        counts: dict[str, tuple[int, int]] = {}  # worker id -> (long streams, streams)
-        for worker_id, max_tokens in list(traffic.streaming.values()):
-            if worker_id in pids:
-                long, total = counts.get(worker_id, (0, 0))
-                counts[worker_id] = (long + (max_tokens == LONG_TOKENS), total + 1)
-        if counts:
-            worker_id = max(counts, key=lambda w: counts[w])
-            return worker_id, pids[worker_id]
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"no worker streaming within {timeout_s} s")
+async def long_request_streaming(stack: Stack, traffic: Traffic,
+                                 timeout_s: float = 120.0) -> tuple[str, str, int]:
+    """Send one FAULT_TOKENS-long request and wait until its first chunks reached the client:
+    (its request id, the worker streaming it, that worker's pid). It has seconds of decoding
+    left, so a fault on that worker now lands mid-generation, whatever the machine's speed."""
+    rid = await asyncio.wait_for(traffic.submit(FAULT_PROMPT, FAULT_TOKENS), timeout_s)
+    worker_id = await traffic.streaming_on(rid, timeout_s)
+    pids = stack.worker_pids()
+    assert worker_id in pids, f"{rid} streams from {worker_id}, not a live worker: {pids}"
+    return rid, worker_id, pids[worker_id]
 
 
-Fault = Callable[[Traffic], Awaitable[str]]
+# A fault: inject it under traffic; (what it did, when it landed: monotonic s).
+Fault = Callable[[Traffic], Awaitable[tuple[str, float]]]
 
 
 async def run_scenario(
     name: str, stack: Stack, client: EmberClient, references: dict[str, str], faults: list[Fault],
     *, warmup_s: float = 2.5, every_s: float = 10.0, after_s: float = 6.0,
+    targets: list[str] | None = None,
 ) -> Row:
     """Traffic at RATE; `faults` one after another, `every_s` apart and each once the pool
-    is whole again, starting after `warmup_s`; traffic goes on until
-    `after_s` past the last. Then every outcome, the tables back to idle, the pool back to
-    size, no strays; the row is reported and checked."""
+    is whole again, starting after `warmup_s`; traffic goes on until `after_s` past the
+    last. Then every outcome, the tables back to idle, the pool back to size, no strays; the
+    row is reported (whatever those checks found) and checked. `targets`: the requests the
+    faults aimed at (see `caught`)."""
     await stack.steady(timeout_s=120)
     traffic = Traffic(client, stack.model, references, timeout_s=TIMEOUT_S)
     sending = asyncio.create_task(traffic.run(RATE, 24 * 3600))  # until cancelled below
@@ -116,8 +112,9 @@ async def run_scenario(
             if i:
                 await asyncio.sleep(every_s)
                 await stack.steady(timeout_s=120)  # the pool is whole again
-            fault_times.append(time.monotonic())
-            notes.append(await fault(traffic))
+            note, at = await fault(traffic)
+            notes.append(note)
+            fault_times.append(at)
         await asyncio.sleep(after_s)
     finally:
         sending.cancel()
@@ -128,57 +125,85 @@ async def run_scenario(
     recoveries = [round(traffic.recovery_s(t, slow_s, end), 2)
                   for t, end in zip(fault_times, ends, strict=True)]
     t_idle = time.monotonic()
-    idle_s = await stack.idle(timeout_s=90)
-    await stack.steady(timeout_s=120)
-    await no_strays(stack)
-    mid_stream = [traffic.mid_stream(t) for t in fault_times]
+    recovered: list[str] = []  # what did not recover
+    idle_s = None
+    try:
+        idle_s = round(await stack.idle(timeout_s=90), 2)
+        await stack.steady(timeout_s=120)
+        await no_strays(stack)
+    except AssertionError as exc:
+        recovered.append(str(exc))
+    extra = {"targets_streamed_again": caught(traffic, targets)} if targets else {}
     row = Row.of(name, traffic, max(recoveries), "; ".join(notes), faults=len(faults),
-                 recoveries_s=recoveries, slow_s=round(slow_s, 2), mid_stream=mid_stream,
-                 idle_after_traffic_s=round(idle_s, 2),
-                 idle_checked_at=round(t_idle - fault_times[0], 2))
+                 recoveries_s=recoveries, slow_s=round(slow_s, 2),
+                 mid_stream=[traffic.mid_stream(t) for t in fault_times],
+                 idle_after_traffic_s=idle_s, idle_checked_at=round(t_idle - fault_times[0], 2),
+                 not_recovered=recovered, **extra)
     report(row)
     counts = row.extra["counts"]
     assert counts["submitted"] > 0
     assert row.lost == 0, f"{name}: lost {row.lost}: {counts}"
     assert row.duplicates == 0, f"{name}: {row.duplicates} texts differ from greedy: {counts}"
+    assert not recovered, f"{name}: did not recover: {recovered}"
     return row
 
 
+def caught(traffic: Traffic, targets: list[str]) -> list[int]:
+    """For each fault's target request: how many times its output started over or came
+    again (a replacement worker's stream: restarted, or repeated chunks the SDK dropped)."""
+    found = [traffic.outcomes.get(rid) for rid in targets]
+    return [-1 if o is None else o.restarts + o.dropped for o in found]
+
+
 async def test_worker_sigkill_mid_generation(stack: Stack, client, references) -> None:
-    async def kill(traffic: Traffic) -> str:
-        worker_id, pid = await streaming_worker(stack, traffic)
+    targets: list[str] = []
+
+    async def kill(traffic: Traffic) -> tuple[str, float]:
+        rid, worker_id, pid = await long_request_streaming(stack, traffic)
         os.kill(pid, signal.SIGKILL)
-        return f"SIGKILL {worker_id}"
+        at = time.monotonic()
+        targets.append(rid)
+        return f"SIGKILL {worker_id}", at
 
     row = await run_scenario("worker SIGKILL mid-generation" + (" x5" if LONG else ""),
                              stack, client, references, [kill] * (5 if LONG else 1),
-                             every_s=15.0)
-    assert min(row.extra["mid_stream"]) >= 1, "each kill caught a request mid-generation"
+                             every_s=15.0, targets=targets)
+    # Each target was streaming at the client when its worker died (long_request_streaming)
+    # and still ended with exactly its greedy text (run_scenario): served again, deduplicated.
+    assert min(row.extra["mid_stream"]) >= 1, "a kill caught no request mid-generation"
+    again = row.extra["targets_streamed_again"]
+    assert all(n >= 1 for n in again), \
+        f"a killed request's output did not come again from a replacement: {again}"
 
 
 async def test_worker_stalls_past_its_heartbeat(stack: Stack, client, references) -> None:
     stall_s = DEAD_AFTER_S + 3.0  # past placement's dead_after_s
 
-    async def stall(traffic: Traffic) -> str:
-        worker_id, pid = await streaming_worker(stack, traffic)
+    targets: list[str] = []
+
+    async def stall(traffic: Traffic) -> tuple[str, float]:
+        rid, worker_id, pid = await long_request_streaming(stack, traffic)
+        targets.append(rid)
         os.kill(pid, signal.SIGSTOP)
+        at = time.monotonic()
         try:
             await asyncio.sleep(stall_s)
         finally:
             os.kill(pid, signal.SIGCONT)
-        return f"SIGSTOP {worker_id} {stall_s:g} s, SIGCONT"
+        return f"SIGSTOP {worker_id} {stall_s:g} s, SIGCONT", at
 
     await run_scenario("worker stalls past heartbeat" + (" x3" if LONG else ""),
                        stack, client, references, [stall] * (3 if LONG else 1), every_s=20.0,
-                       after_s=4.0)
+                       after_s=4.0, targets=targets)
 
 
 async def test_supervisor_sigkill_then_a_new_one(stack: Stack, client, references) -> None:
-    async def kill_supervisor(traffic: Traffic) -> str:
+    async def kill_supervisor(traffic: Traffic) -> tuple[str, float]:
         old = stack.local.supervisor
         assert old is not None
         workers = stack.worker_pids()
         old.process.send_signal(signal.SIGKILL)
+        at = time.monotonic()
         await asyncio.to_thread(old.process.wait, 10)
         await asyncio.sleep(1.0)
         stack.restart_supervisor()
@@ -188,7 +213,7 @@ async def test_supervisor_sigkill_then_a_new_one(stack: Stack, client, reference
             await asyncio.sleep(0.2)
         left = {w: p for w, p in workers.items() if _alive(p)}
         assert not left, f"workers of the killed supervisor still run: {left}"
-        return f"SIGKILL supervisor; its {len(workers)} workers drained; a new supervisor"
+        return f"SIGKILL supervisor; its {len(workers)} workers drained; a new supervisor", at
 
     await run_scenario("supervisor SIGKILL + new one" + (" x2" if LONG else ""),
                        stack, client, references, [kill_supervisor] * (2 if LONG else 1),
@@ -200,13 +225,14 @@ async def test_streams_app_restart_under_traffic(stack: Stack, client, reference
     only when its group session times out)."""
 
     def restart(sig: signal.Signals) -> Fault:
-        async def fault(traffic: Traffic) -> str:
+        async def fault(traffic: Traffic) -> tuple[str, float]:
             old = stack.local.streams
             assert old is not None
             old.process.send_signal(sig)
+            at = time.monotonic()
             await asyncio.to_thread(old.process.wait, 60)
             stack.restart_streams()
-            return f"{sig.name} streams app; restarted"
+            return f"{sig.name} streams app; restarted", at
 
         return fault
 
@@ -228,8 +254,9 @@ async def test_broker_restart_under_traffic(broker: Broker, stack: Stack, client
                                             references) -> None:
     """Stop the suite's own broker (SIGTERM, clean) under traffic and start it again."""
 
-    async def restart_broker(traffic: Traffic) -> str:
-        return f"broker stopped and started in {await broker.restart():.1f} s"
+    async def restart_broker(traffic: Traffic) -> tuple[str, float]:
+        at = time.monotonic()
+        return f"broker stopped and started in {await broker.restart():.1f} s", at
 
     await run_scenario("broker restart" + (" x2" if LONG else ""), stack, client, references,
                        [restart_broker] * (2 if LONG else 1), every_s=45.0, after_s=10.0)

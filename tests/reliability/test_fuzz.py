@@ -121,6 +121,7 @@ async def fuzz(stack: Stack, client: Any, references: Any, target: str) -> Row:
     traffic = Traffic(client, stack.model, references)
     tail = Tail(stack.kafka, [DEADLETTERS, reply, REPLIES])
     await tail.start()
+    queue = asyncio.create_task(_queue_peaks(stack))
     sending = asyncio.create_task(traffic.run(VALID_RATE, 3600))
     try:
         t1 = time.monotonic()
@@ -133,6 +134,10 @@ async def fuzz(stack: Stack, client: Any, references: Any, target: str) -> Row:
         sending.cancel()
         await traffic.settle(180)
         await tail.stop()
+        queue.cancel()
+        peaks = (await asyncio.gather(queue, return_exceptions=True))[0]
+    # The tables recover: nothing the fuzz sent stays counted in the model's queue.
+    idle_s = await stack.idle(timeout_s=90)
 
     # -- the dead letters: one per bad record, none for the others ---------------------------
     want = {p for p, e in zip(placed, expects, strict=True) if e.dead_letter}
@@ -185,6 +190,8 @@ async def fuzz(stack: Stack, client: Any, references: Any, target: str) -> Row:
         extra={"counts": c, "seed": SEED, "reasons": dict(reasons), "answers": dict(codes),
                "kinds": dict(Counter(r.kind for r in records)), "draw_s": round(drawn_s, 1),
                "produce_s": round(produced_s, 1), "answered_s": round(answered_s, 1),
+               "queue_peaks": peaks if isinstance(peaks, dict) else None,
+               "idle_after_s": round(idle_s, 2),
                "mode": "long" if LONG else "short"},
     )
     report(row)
@@ -201,8 +208,24 @@ async def fuzz(stack: Stack, client: Any, references: Any, target: str) -> Row:
     assert not duplicated, f"answered more than once: {duplicated[:5]}"
     assert not strangers, f"chunks for requests with no known reply topic: {strangers[:5]}"
     assert c["lost"] == 0 and c["duplicates"] == 0, f"valid traffic affected: {c}"
-    assert c["completed"] == c["submitted"], f"valid traffic affected: {traffic.codes()}"
+    assert c["completed"] == c["submitted"], \
+        f"valid traffic affected: {traffic.codes()}; placement queue peaks {peaks}"
     return row
+
+
+async def _queue_peaks(stack: Stack) -> dict[str, int]:
+    """Until cancelled: the highest placement queue seen in the streams app's tables
+    (pending, waiting for a worker; in flight), returned on cancellation."""
+    peaks = {"pending": 0, "in_flight": 0}
+    try:
+        while True:
+            view = await asyncio.to_thread(stack.view)
+            if view is not None:
+                for k in peaks:
+                    peaks[k] = max(peaks[k], sum(view["queue"][k].values()))
+            await asyncio.sleep(0.5)
+    except asyncio.CancelledError:
+        return peaks
 
 
 async def _answers(

@@ -6,7 +6,8 @@ tokens, 1 with 64), each followed by a drain; a step holds when nothing was reje
 out and its TTFT p95 stayed under max(1 s, 3x the first step's): past the machine's rate the
 queue grows through the step and TTFT with it, then admission rejects `overloaded`. The first
 step that does not hold ends the ramp.
-Hold: 80 % of the best step's rate for HOLD_S; VmRSS of the streams app, the supervisor,
+Every ramp request is still answered (none lost, none duplicated).
+Hold: 80 % of the best step's rate (FLOOR_RATE if none held) for HOLD_S; VmRSS of the streams app, the supervisor,
 each worker and the broker every 2 s, summarized after a warm-up as growth and slope.
 
     pytest tests/reliability/test_load.py -s                    # ~30 s hold (CI)
@@ -38,8 +39,10 @@ STEPS = (4, 6, 8, 10, 12, 16, 20, 24, 32) if LONG else (4, 8, 12, 16, 24)
 STEP_S = 15.0 if LONG else 4.0
 HOLD_S = 300.0 if LONG else 30.0
 HOLD_SHARE = 0.8
+FLOOR_RATE = 1.0  # req/s held when no step of the ramp held
 WARMUP_S = 60.0 if LONG else 8.0
 MEMORY_EVERY_S = 2.0
+RAMP_TIMEOUT_S = 120.0  # a ramp request's client time-out: past it, it counts as lost
 
 
 def _stats(traffic: Traffic) -> dict[str, Any]:
@@ -58,16 +61,16 @@ def _stats(traffic: Traffic) -> dict[str, Any]:
 
 async def ramp(stack: Stack, client: Any, references: Any) -> tuple[float, list[dict]]:
     """The highest step rate that held, and every step's numbers."""
-    warmup = Traffic(client, stack.model, references, timeout_s=60.0)
+    warmup = Traffic(client, stack.model, references, timeout_s=RAMP_TIMEOUT_S)
     await warmup.run(STEPS[0], 3.0)
     await warmup.settle(60)
     steps: list[dict] = []
     best = 0.0
     limit_ms: float | None = None
     for rate in STEPS:
-        traffic = Traffic(client, stack.model, references, timeout_s=60.0)
+        traffic = Traffic(client, stack.model, references, timeout_s=RAMP_TIMEOUT_S)
         await traffic.run(rate, STEP_S)
-        await traffic.settle(90)
+        await traffic.settle(RAMP_TIMEOUT_S + 30)
         s = {"rate": rate, **_stats(traffic)}
         p95 = s["ttft_ms"]["p95"]
         if limit_ms is None and p95 is not None:
@@ -89,8 +92,9 @@ async def test_sustained_load_at_the_highest_rate_held(
 ) -> None:
     await stack.steady(timeout_s=120)
     best, steps = await ramp(stack, client, references)
-    assert best > 0, f"not even {STEPS[0]} req/s held: {steps}"
-    rate = round(best * HOLD_SHARE, 1)
+    # What this machine holds right now is a measurement, not a check: on a loaded machine
+    # not even the first step may hold, and the hold then runs at a floor rate below it.
+    rate = round(best * HOLD_SHARE, 1) if best else FLOOR_RATE
 
     def pids() -> dict[str, int]:
         found = {"streams": stack.local.streams.process.pid,
@@ -126,6 +130,9 @@ async def test_sustained_load_at_the_highest_rate_held(
         idle_after_s=round(idle_s, 2),
     )
     report(row)
+    ramp_lost = {s["rate"]: (s["lost"], s["duplicates"]) for s in steps
+                 if s["lost"] or s["duplicates"]}
+    assert not ramp_lost, f"ramp steps with lost or duplicated requests: {ramp_lost}"
     assert row.lost == 0, f"lost {row.lost}: {stats}"
     assert row.duplicates == 0, f"{row.duplicates} texts differ from greedy"
     assert memory, "no memory samples"
