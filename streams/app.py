@@ -19,6 +19,7 @@ options into these variables before importing it.
 | EMBER_STREAMS_TICK_S          | 1.0              | placement / autoscaler timer interval        |
 | EMBER_STREAMS_REPLICATION     | 1                | replicas of the topics Faust creates         |
 | EMBER_STREAMS_LINGER_MS       | 0                | producer linger: batching vs. hop latency   |
+| EMBER_STREAMS_LOOP            | auto             | uvloop, asyncio; auto: uvloop if installed   |
 | EMBER_AUTOSCALER_POLICY       | ember_predictive | or fully_cold, always_on, knative_reactive   |
 | EMBER_AUTOSCALER_HOLD_EVERY_S | 30               | how often a repeated `hold` is published     |
 
