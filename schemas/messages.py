@@ -9,7 +9,6 @@ for other languages; its field tables are generated from these classes (schemas/
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -238,8 +237,24 @@ class Message:
         return msg
 
     def replace(self, **changes: Any) -> Self:
-        """A copy with some fields changed, validated like any new message."""
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        """A copy with some fields changed, validated like any new message: the changed fields
+        each against its spec, then the cross-field rules. The other fields were checked when
+        this message was made and cannot have changed since (messages are frozen), so they are
+        not checked again (placement copies every request it places)."""
+        cls = type(self)
+        specs = field_specs(cls)
+        changed = tuple(fs for fs in specs if fs.name in changes)
+        if len(changed) != len(changes):
+            unknown = sorted(set(changes) - {fs.name for fs in specs})
+            raise TypeError(f"{cls.__name__}.replace: unknown field(s) {unknown}")
+        values, issues = read_fields(changed, changes)
+        self._raise_if(issues)
+        msg = object.__new__(cls)
+        for fs in specs:
+            name = fs.name
+            object.__setattr__(msg, name, values[name] if name in values else getattr(self, name))
+        msg._raise_if(list(msg._rules()))
+        return msg
 
     def __repr__(self) -> str:
         parts = []

@@ -110,7 +110,11 @@ class WorkerView:
 
     @property
     def busy(self) -> int:
-        return len(self.assigned | self.reported)
+        """Requests on it: ours not finished and those its latest heartbeat lists (without
+        building their union: placement asks for every request it places)."""
+        if not self.reported:
+            return len(self.assigned)
+        return len(self.assigned) + len(self.reported.difference(self.assigned))
 
     def room(self, spec: PlacementSpec) -> int:
         if self.state != "ready" or self.partition is None:
@@ -122,7 +126,7 @@ class WorkerView:
 
     def with_work(self, assigned: frozenset[str], reported: frozenset[str], now: int) -> WorkerView:
         """New request sets, idle_since following them: 0 busy since `now` (or earlier)."""
-        idle = self.state == "ready" and not (assigned | reported)
+        idle = self.state == "ready" and not assigned and not reported
         idle_since = (now if self.idle_since is None else self.idle_since) if idle else None
         return replace(self, assigned=assigned, reported=reported, idle_since=idle_since)
 
