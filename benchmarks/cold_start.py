@@ -16,6 +16,13 @@ a shared machine falls on all of them alike; every number is a median and p95 ov
                  (loader.make_arena): what a semi-warm process can prepare before it knows more
                  than the model size
 
+  import_torch  a fresh process that only imports torch: the floor under every fresh-process
+                 path, so (a) / import_torch is the most any of them can gain on (a)
+
+Before each run of a page-cache-warm path its files are read back into the page cache (a
+dropped-cache run before it would otherwise leave them cold). `--paths a,c` runs a subset,
+`--skip-inproc` skips the in-process measurements (both for iterating).
+
 plus remote -> cache (the artifact fetched over HTTP with Range requests into an empty cache,
 sha256-verified), and with root, (b) and (c) again with the page cache dropped before each run.
 Every process uses one torch thread (OMP_NUM_THREADS=1). Ember processes run the worker's
@@ -27,6 +34,7 @@ Results: benchmarks/results/cold_start.md (and .json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -148,6 +156,17 @@ def _child_naive(spec: dict[str, Any]) -> dict[str, Any]:
     return {"ttft_s": t_first - origin, "phases": phases, "token": int(out[0, -1])}
 
 
+def _child_import(spec: dict[str, Any]) -> dict[str, Any]:
+    """The floor of every fresh-process path: interpreter start + `import torch`, nothing else."""
+    from gpu_worker.spans import process_start_unix_s
+
+    origin = process_start_unix_s()
+    import torch  # noqa: F401
+
+    t = time.time() - origin
+    return {"ttft_s": t, "phases": {"process_ready": t}, "token": -1}
+
+
 def _child_ember(spec: dict[str, Any]) -> dict[str, Any]:
     from gpu_worker.spans import SpanRecorder, process_start_unix_s
 
@@ -203,7 +222,8 @@ def _child_ember(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_main(kind: str, spec_json: str) -> None:
     spec = json.loads(spec_json)
-    result = _child_naive(spec) if kind == "naive" else _child_ember(spec)
+    child = {"naive": _child_naive, "import": _child_import}.get(kind, _child_ember)
+    result = child(spec)
     print(json.dumps({"event": "result", **result}), flush=True)
 
 
@@ -243,6 +263,28 @@ def drop_page_cache() -> bool:
         return True
     except OSError:
         return False
+
+
+def warm_page_cache(*roots: str | Path) -> int:
+    """Read every file under `roots` (symlinks followed: the cache view links into the node
+    cache) so that a "page cache warm" run finds them there, whatever ran before it (a cold run
+    drops the whole page cache). Returns the bytes read."""
+    files: set[Path] = set()
+    for root in map(Path, roots):
+        if root.is_file():
+            files.add(root.resolve())
+        elif root.is_dir():
+            files.update(p.resolve() for p in root.rglob("*") if p.is_file())
+    buf = memoryview(bytearray(16 * MiB))
+    total = 0
+    for p in sorted(files):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            while n := os.readv(fd, [buf]):
+                total += n
+        finally:
+            os.close(fd)
+    return total
 
 
 def read_reused(paths: list[Path], block: int = 16 * MiB) -> float:
@@ -292,18 +334,38 @@ def memcpy_gbps(nbytes: int) -> float:
 
 
 def checksum_gbps(nbytes: int = 256 * MiB) -> dict[str, float]:
+    """Single-core speed of each block checksum: sha256, and crc32 by every installed
+    implementation (`crc32` is the one the loader uses: gpu_worker.checksum.CRC32_IMPL)."""
+    import hashlib
+
     import torch
 
+    from gpu_worker.checksum import crc32_impls
     from gpu_worker.pack import block_digest
 
     data = memoryview(torch.randint(0, 255, (nbytes,), dtype=torch.uint8).numpy())
+    fns = {"crc32": lambda b: block_digest("crc32", b), "sha256": lambda b: hashlib.sha256(b)}
+    fns |= {f"crc32_{name}": fn for name, fn in crc32_impls().items()}
     out = {}
-    for algo in ("crc32", "sha256"):
+    for algo, fn in fns.items():
         t0 = time.perf_counter()
         for off in range(0, nbytes, 16 * MiB):
-            block_digest(algo, data[off : off + 16 * MiB])
+            fn(data[off : off + 16 * MiB])
         out[algo] = nbytes / (time.perf_counter() - t0) / GB
     return out
+
+
+@contextlib.contextmanager
+def crc32_forced(name: str) -> Any:
+    """Verify with one CRC-32 implementation (same values) for the duration."""
+    from gpu_worker import checksum
+
+    saved = checksum._crc32
+    checksum._crc32 = checksum.crc32_impls()[name]
+    try:
+        yield
+    finally:
+        checksum._crc32 = saved
 
 
 def loader_runs(packed: Path, repeats: int) -> dict[str, Any]:
@@ -323,6 +385,7 @@ def loader_runs(packed: Path, repeats: int) -> dict[str, Any]:
         "path_read_reused", "path_read_fresh", "memcpy", "loader_verify", "loader_noverify",
         "loader_read_verify", "loader_read_noverify", "loader_verify_arena",
         "loader_noverify_arena", "loader_verify_gbps", "safetensors_load_file",
+        "loader_verify_zlib",
     )}
     modes = {  # key suffix -> (cpu_mode, arena)
         "": ("mmap", None), "_read": ("read", None), "_arena": ("read", "arena"),
@@ -347,6 +410,11 @@ def loader_runs(packed: Path, repeats: int) -> dict[str, Any]:
                 if verify and not suffix:
                     series["loader_verify_gbps"].append(r.verify_gbps)
                 del model
+        with crc32_forced("zlib"):
+            model = build_meta_model(artifact.index.config())
+            r = stream_weights(artifact, model, "cpu", verify=True)
+            series["loader_verify_zlib"].append(r.total_gbps)
+            del model
         t0 = time.perf_counter()
         tensors = {}
         for p in hf_files:
@@ -431,6 +499,10 @@ def main() -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/ember-cold-start"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-cold", action="store_true", help="skip the dropped-page-cache runs")
+    parser.add_argument("--paths", default="", help="comma-separated subset of the TTFT paths to "
+                        "run (names or their letters: a,c,d_prestarted,import_torch); default all")
+    parser.add_argument("--skip-inproc", action="store_true", help="skip the in-process "
+                        "measurements (fetch, snapshot, loader bandwidth) while iterating")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/cold_start.md")
     args = parser.parse_args()
     if args.child:
@@ -463,18 +535,23 @@ def main() -> int:
     results: dict[str, Any] = {"model_dir": str(args.model_dir), "bytes": index.total_bytes,
                                "repeats": args.repeats, "torch": torch.__version__}
     try:
-        log("remote -> cache fetches")
-        results["fetch"] = fetch_runs(packed, work, url, args.repeats)
+        if not args.skip_inproc:
+            log("remote -> cache fetches")
+            results["fetch"] = fetch_runs(packed, work, url, args.repeats)
         cache_dir, workdir = work / "node-cache", work / "cache-view"
         from gpu_worker.loader import fetch_artifact
 
         fetch_artifact(HttpSource(url), ShardCache(cache_dir, 8 << 30, durable=False), workdir)
 
-        log("snapshot restore vs rebuild")
-        results["snapshot"] = snapshot_runs(packed, args.model_dir, max(20, args.repeats))
-        log("loader vs path bandwidth")
-        results["loader"] = loader_runs(packed, args.repeats)
-        results["checksum_gbps"] = checksum_gbps()
+        if not args.skip_inproc:
+            log("snapshot restore vs rebuild")
+            results["snapshot"] = snapshot_runs(packed, args.model_dir, max(20, args.repeats))
+            log("loader vs path bandwidth")
+            results["loader"] = loader_runs(packed, args.repeats)
+            results["checksum_gbps"] = checksum_gbps()
+        from gpu_worker.checksum import CRC32_IMPL
+
+        results["crc32_impl"] = CRC32_IMPL
 
         base_spec = {"prompt": PROMPT}
         specs = {
@@ -486,16 +563,25 @@ def main() -> int:
             "d_prestarted": ("ember", base_spec | {"path": str(workdir), "prestarted": True}),
             "d_prestarted_arena": ("ember", base_spec | {
                 "path": str(workdir), "prestarted": True, "arena_bytes": index.total_bytes}),
+            "import_torch": ("import", {}),
         }
+        # what each warm path reads: put back in the page cache before each of its runs (a
+        # cold run before it dropped the whole page cache)
+        warm_roots = {"a_naive": [args.model_dir], "b_ember_hf": [args.model_dir],
+                      "c_ember_packed_cache": [workdir], "d_prestarted": [workdir],
+                      "d_prestarted_arena": [workdir], "import_torch": []}
+        if args.paths:
+            wanted = set(args.paths.split(","))
+            specs = {k: v for k, v in specs.items() if k in wanted or k[:1] in wanted}
         cold = {}
         if not args.no_cold and drop_page_cache():
-            cold = {"b_ember_hf_cold": specs["b_ember_hf"],
-                    "c_ember_packed_cache_cold": specs["c_ember_packed_cache"],
-                    "a_naive_cold": specs["a_naive"]}
+            cold = {f"{k}_cold": specs[k] for k in ("b_ember_hf", "c_ember_packed_cache", "a_naive")
+                    if k in specs}
         results["cold_page_cache"] = bool(cold)
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in [*specs, *cold]}
         for r in range(args.repeats):
             for name, (kind, spec) in specs.items():
+                warm_page_cache(*warm_roots[name])
                 runs[name].append(run_child(kind, spec))
                 log(f"round {r + 1}/{args.repeats} {name}: {runs[name][-1]['ttft_s']:.2f} s")
             for name, (kind, spec) in cold.items():
@@ -517,14 +603,14 @@ def main() -> int:
 
 def render(r: dict[str, Any], command: str) -> str:
     paths = r["paths"]
-    L = r["loader"]
-    S = r["snapshot"]
+    L = r.get("loader")
+    S = r.get("snapshot")
 
     def t(name: str) -> str:
         x = paths[name]["ttft"]
         return f"{x['median']:.2f} | {x['p95']:.2f}"
 
-    a = paths["a_naive"]["ttft"]["median"]
+    a = paths["a_naive"]["ttft"]["median"] if "a_naive" in paths else float("nan")
     lines = [
         "# Cold start (CPU, medium model)",
         "",
@@ -547,6 +633,7 @@ def render(r: dict[str, Any], command: str) -> str:
         "a_naive_cold": "(a) naive, page cache dropped",
         "b_ember_hf_cold": "(b) Ember HF, page cache dropped",
         "c_ember_packed_cache_cold": "(c) Ember packed, page cache dropped",
+        "import_torch": "floor of any fresh process: interpreter + `import torch`, no work",
     }
     for name in paths:
         ratio = a / paths[name]["ttft"]["median"]
@@ -565,6 +652,60 @@ def render(r: dict[str, Any], command: str) -> str:
         " (which includes `warm_up`). HF `weights_available` is fast because safetensors maps"
         " the files: the pages are read during the first forward passes (`warm_up`).",
         "",
+    ]
+    if L is not None:
+        lines += _render_loader(r)
+    if S is not None:
+        lines += _render_snapshot(r)
+    if "fetch" in r:
+        lines += [
+            "## Remote -> node cache (HTTP Range server on localhost -> ShardCache, sha256 "
+            "verified)",
+            "",
+            f"{r['fetch']['bytes'] / 1e9:.2f} GB: median {r['fetch']['seconds']['median']:.2f} s "
+            f"({r['fetch']['gbps']['median']:.2f} GB/s), p95 {r['fetch']['seconds']['p95']:.2f} s.",
+            "",
+        ]
+    lines += ["## Headline ratios", ""]
+    if "c_ember_packed_cache" in paths:
+        c = paths["c_ember_packed_cache"]["ttft"]["median"]
+        lines.append(f"- (c) TTFT vs (a): **{a / c:.2f}x** faster (target 5x)")
+    if "import_torch" in paths:
+        floor = paths["import_torch"]["ttft"]["median"]
+        lines.append(
+            f"- ceiling for any fresh process that imports torch: (a) / (`import torch` alone) = "
+            f"**{a / floor:.2f}x** ({floor:.2f} s of the interpreter and torch's import, before "
+            "any weight or token)"
+        )
+    if "d_prestarted" in paths:
+        dd = f"- (d) pre-started vs (a): **{a / paths['d_prestarted']['ttft']['median']:.2f}x**"
+        if "d_prestarted_arena" in paths:
+            dd += f"; (d+) **{a / paths['d_prestarted_arena']['ttft']['median']:.2f}x**"
+        lines.append(dd)
+    if L is not None:
+        lf, rr = L["loader_verify"]["median"], L["path_read_reused"]["median"]
+        line = (f"- loader (mmap, crc32 verified, {r.get('crc32_impl', 'zlib')}) / dd-like read "
+                f"of the same files: **{lf / rr:.0%}** (target 70%)")
+        if "loader_verify_zlib" in L:
+            line += f"; with zlib's crc32 {L['loader_verify_zlib']['median'] / rr:.0%}"
+        lines.append(line)
+    if S is not None:
+        lines.append(f"- snapshot restore vs rebuild: "
+                     f"{S['rebuild']['median'] / S['restore']['median']:.1f}x (target 10x)")
+    lines += [
+        f"- first tokens agree across paths: {r['first_tokens']}",
+        f"- cold page cache measured: {r['cold_page_cache']}",
+        "",
+        f"Total benchmark time {r['seconds'] / 60:.1f} min.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _render_loader(r: dict[str, Any]) -> list[str]:
+    L = r["loader"]
+    impl = r.get("crc32_impl", "zlib")
+    lines = [
         "## Loader GB/s against the path (in process, page cache warm)",
         "",
         "| measurement | median GB/s | p95 GB/s |",
@@ -574,7 +715,8 @@ def render(r: dict[str, Any], command: str) -> str:
         ("path_read_reused", "path: sequential 16 MiB reads into one reused buffer (dd-like)"),
         ("path_read_fresh", "path: the same reads into fresh memory (page faults included)"),
         ("memcpy", "memcpy between faulted-in buffers"),
-        ("loader_verify", "loader, mmap (default), crc32 verified (default)"),
+        ("loader_verify", f"loader, mmap (default), crc32 verified (default; {impl})"),
+        ("loader_verify_zlib", "loader, mmap, crc32 verified by zlib (the fallback)"),
         ("loader_noverify", "loader, mmap, verify=False (pages map in at first use)"),
         ("loader_read_verify", "loader, cpu_mode=read (preadv into fresh memory), verified"),
         ("loader_read_noverify", "loader, cpu_mode=read, verify=False"),
@@ -591,23 +733,36 @@ def render(r: dict[str, Any], command: str) -> str:
     la = L["loader_noverify_arena"]["median"]
     rr = L["path_read_reused"]["median"]
     rv, rn = L["loader_read_verify"]["median"], L["loader_read_noverify"]["median"]
+    speeds = ", ".join(
+        f"{k.removeprefix('crc32_')} {v:.2f}" for k, v in ck.items() if k.startswith("crc32_")
+    )
     lines += [
         "",
-        f"Single-core checksum speed here: crc32 {ck['crc32']:.2f} GB/s, sha256 "
-        f"{ck['sha256']:.2f} GB/s.",
+        f"Single-core checksum speed here: crc32 {ck['crc32']:.2f} GB/s as the loader computes it"
+        f" ({impl}; by implementation: {speeds}), sha256 {ck['sha256']:.2f} GB/s.",
         "",
         "Ratios (loader / path, medians):",
         "",
         f"- default loader (mmap, verified) / dd-like read: **{lf / rr:.0%}**; / fresh-memory "
         f"read: **{lf / lr:.0%}**",
+    ]
+    if "loader_verify_zlib" in L:
+        lines.append(f"- the same with zlib's crc32 (no zlib-ng installed) / dd-like read: "
+                     f"{L['loader_verify_zlib']['median'] / rr:.0%}")
+    lines += [
         f"- cpu_mode=read / fresh-memory read (same work: bytes into new memory): verified "
         f"**{rv / lr:.0%}**, unverified **{rn / lr:.0%}**",
         f"- read into a pre-faulted arena, unverified / dd-like read (same work: bytes into "
         f"faulted-in memory): **{la / rr:.0%}**; verified "
         f"{L['loader_verify_arena']['median'] / rr:.0%}",
-        "- with verification the loader is bound by crc32 on 2 cores (see the checksum speed"
-        " above), not by the path: the mmap loader's verified rate is its checksum rate.",
         "",
+    ]
+    return lines
+
+
+def _render_snapshot(r: dict[str, Any]) -> list[str]:
+    S = r["snapshot"]
+    lines = [
         "## Snapshot restore vs rebuild (in process, medians)",
         "",
         "| step | median ms | p95 ms |",
@@ -635,28 +790,8 @@ def render(r: dict[str, Any], command: str) -> str:
         " generated token and the meta model is built by the cold path anyway, so the TTFT "
         "saving is smaller than the ratio: about Tokenizer.from_dir minus restore.",
         "",
-        "## Remote -> node cache (HTTP Range server on localhost -> ShardCache, sha256 verified)",
-        "",
-        f"{r['fetch']['bytes'] / 1e9:.2f} GB: median {r['fetch']['seconds']['median']:.2f} s "
-        f"({r['fetch']['gbps']['median']:.2f} GB/s), p95 {r['fetch']['seconds']['p95']:.2f} s.",
-        "",
-        "## Headline ratios",
-        "",
-        f"- (c) TTFT vs (a): **{a / paths['c_ember_packed_cache']['ttft']['median']:.2f}x** "
-        "faster (target 5x)",
-        f"- (d) pre-started vs (a): **{a / paths['d_prestarted']['ttft']['median']:.2f}x**; "
-        f"(d+) **{a / paths['d_prestarted_arena']['ttft']['median']:.2f}x**",
-        f"- loader / path bandwidth: default (mmap, verified) {lf / rr:.0%} of dd-like read; "
-        f"read into fresh memory {rv / lr:.0%} (verified) / {rn / lr:.0%} of the fresh-memory "
-        f"read; into a pre-faulted arena {la / rr:.0%} of dd-like (unverified) (target 70%)",
-        f"- snapshot restore vs rebuild: {rb / S['restore']['median']:.1f}x (target 10x)",
-        f"- first tokens agree across paths: {r['first_tokens']}",
-        f"- cold page cache measured: {r['cold_page_cache']}",
-        "",
-        f"Total benchmark time {r['seconds'] / 60:.1f} min.",
-        "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":
