@@ -29,6 +29,11 @@ The copy step is `run_blocks`, one loop for both devices, with the device part i
     copy on a side stream, and verifies the block's checksum while the DMA runs. With W worker
     threads and W + 2 buffers, block k + 1 is being read while block k is copying.
 
+A fresh process can hand the CPU mmap path a `prefetch` (gpu_worker.prefetch.ShardPrefetch,
+torch-free), started before `import torch`: its threads map the shards and checksum every block
+during the import, and the loader then uses those mappings as the slabs and checks the
+prefetch's digests against the index instead of recomputing them.
+
 `workers` threads take blocks in order (layer order), so reading, checksumming and copying of
 neighbouring blocks overlap; `preadv`, zlib/hashlib and CUDA copies all release the GIL.
 
@@ -75,6 +80,7 @@ from gpu_worker.pack import (
     layer_rank,
     read_index,
 )
+from gpu_worker.prefetch import ShardPrefetch, fetch_artifact_files
 from gpu_worker.spans import SpanRecorder
 from gpu_worker.weights import (
     MissingTensorError,
@@ -147,27 +153,12 @@ def fetch_artifact(source: Any, cache: Any, workdir: str | os.PathLike[str]) -> 
     """Make the artifact at `source` (a gpu_worker.shard_cache.ShardSource) local through the
     node cache (a ShardCache): the index, the snapshot files and every shard are fetched once
     per node (verified against the index's sha256 and size); `workdir` gets symlinks to the
-    cached files, so it opens like any artifact directory."""
-    workdir = Path(workdir)
-    (workdir / "snapshot").mkdir(parents=True, exist_ok=True)
-    _link(cache.get(source, INDEX_FILE), workdir / INDEX_FILE)
+    cached files, so it opens like any artifact directory. (The torch-free part is
+    gpu_worker.prefetch.fetch_artifact_files.)"""
+    workdir = fetch_artifact_files(source, cache, workdir)
     index = read_index(workdir)
-    for name, info in index.snapshot_files.items():
-        path = cache.get(source, name, info["sha256"], info["nbytes"])
-        _link(path, workdir / name)
-    paths = []
-    for shard in index.shards:
-        path = cache.get(source, shard.file, shard.sha256, shard.nbytes)
-        _link(path, workdir / shard.file)
-        paths.append(path)
-    return Artifact(workdir, index, tuple(paths))
-
-
-def _link(target: Path, link: Path) -> None:
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.lnk")
-    tmp.unlink(missing_ok=True)
-    os.symlink(Path(target).resolve(), tmp)
-    os.replace(tmp, link)
+    paths = tuple((workdir / s.file).resolve() for s in index.shards)
+    return Artifact(workdir, index, paths)
 
 
 # ---- plan (pure) -------------------------------------------------------------------------------
@@ -521,6 +512,7 @@ class WeightStream:
         spans: SpanRecorder | None = None,
         arena: Tensor | None = None,
         cpu_mode: str = "mmap",
+        prefetch: ShardPrefetch | None = None,
     ) -> None:
         if cpu_mode not in ("mmap", "read"):
             raise ValueError(f"cpu_mode must be 'mmap' or 'read', got {cpu_mode!r}")
@@ -541,6 +533,8 @@ class WeightStream:
         self._copier: _CudaCopier | None = None
         self._ring: list[Tensor] = []
         self.seconds: dict[str, float] = {}
+        self.prefetch = prefetch if self.mapped else None
+        self._prefetched: set[int] = set()  # shards mapped (and verified) by the prefetch
 
     # each step: check the state, time it, record a span, move the state on
 
@@ -574,6 +568,8 @@ class WeightStream:
             }
             if self._copier is not None:
                 attrs["copy_gbps"] = round(s.gbps(self._copier.busy_seconds()), 3)
+            if self.prefetch is not None:
+                attrs |= self.prefetch.attrs() | {"prefetched_shards": len(self._prefetched)}
             return attrs
         if name == "plan" and self.plan is not None:
             return {
@@ -616,7 +612,16 @@ class WeightStream:
             if hasattr(os, "posix_fadvise"):  # sequential: bigger kernel readahead
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         if self.mapped:
-            self.slabs = [self._map(fd, n) for fd, n in zip(self._fds, plan.shard_bytes)]
+            self.slabs = []
+            for i, (fd, path, n) in enumerate(
+                zip(self._fds, self.artifact.shard_paths, plan.shard_bytes)
+            ):
+                mapping = self.prefetch.mapping(i, path, n) if self.prefetch else None
+                if mapping is None:
+                    self.slabs.append(self._map(fd, n))
+                else:  # the prefetch's own mapping: its digests are of these very pages
+                    self.slabs.append(torch.frombuffer(mapping, dtype=torch.uint8))
+                    self._prefetched.add(i)
         else:
             self.slabs = self._slabs(plan)
         if self.device.type == "cuda":
@@ -660,8 +665,14 @@ class WeightStream:
 
         mapped = self.mapped
 
+        prefetch, prefetched = self.prefetch, self._prefetched
+
         def verify(block: Block, view: memoryview) -> None:
-            actual = block_digest(plan.digest, view)
+            actual = None
+            if prefetch is not None and block.shard in prefetched:
+                actual = prefetch.digest(plan.digest, block.shard, block.start, block.end)
+            if actual is None:
+                actual = block_digest(plan.digest, view)
             if actual != block.digest:
                 names = plan.tensors_in(block)
                 shown = ", ".join(names[:4])
@@ -749,12 +760,16 @@ def stream_weights(
     expected: Mapping[str, tuple[int, ...]] | None = None,
     arena: Tensor | None = None,
     cpu_mode: str = "mmap",
+    prefetch: ShardPrefetch | None = None,
 ) -> LoadReport:
     """Stream a packed artifact's weights into `model` (built on the meta device) on `device`.
 
     `expected`: our name -> shape the artifact must match; default: the model's own shapes.
     `arena`: memory to load into instead of fresh allocations (`make_arena`): a pre-started
     process can fault it in while idle, which is most of a CPU load's cost on a VM.
+    `prefetch`: a gpu_worker.prefetch.ShardPrefetch of the same artifact started earlier (before
+    torch was imported): on CPU (mmap) its mappings become the parameters' storage and its block
+    digests are checked against the index instead of being recomputed.
     Raises CorruptShardError / TruncatedShardError / ArtifactError naming the shard and tensors.
     """
     from gpu_worker.weights import expected_shapes
@@ -765,7 +780,7 @@ def stream_weights(
         expected = expected_shapes(model)
     stream = WeightStream(
         artifact, device, verify=verify, workers=workers, ring_buffers=ring_buffers, spans=spans,
-        arena=arena, cpu_mode=cpu_mode,
+        arena=arena, cpu_mode=cpu_mode, prefetch=prefetch,
     )
     return stream.run(model, expected)
 
@@ -807,6 +822,7 @@ def load_runtime(
     workers: int | None = None,
     spans: SpanRecorder | None = None,
     arena: Tensor | None = None,
+    prefetch: ShardPrefetch | None = None,
 ) -> Runtime:
     """Model, tokenizer and engine from a packed artifact (snapshot restore + streamed weights)
     or from a plain Hugging Face checkpoint directory (the slower path). Blocking."""
@@ -835,7 +851,7 @@ def load_runtime(
         state.tokenizer.start_parse()
         report = stream_weights(
             artifact, model, device, verify=verify, workers=workers, spans=spans,
-            expected=state.shape_plan, arena=arena,
+            expected=state.shape_plan, arena=arena, prefetch=prefetch,
         )
         spans.add("weights_available", weights_start, spans.now(), **report.attrs())
         tokenizer, eos = state.tokenizer, list(state.eos_token_ids)
@@ -890,6 +906,7 @@ def cold_start(
     workers: int | None = None,
     spans: SpanRecorder | None = None,
     arena: Tensor | None = None,
+    prefetch: ShardPrefetch | None = None,
 ) -> ColdStart:
     """The worker's cold path without Kafka: `process_ready` (the origin to now: interpreter
     and imports), load, warm-up, `runtime_ready`, then one greedy request to its first token."""
@@ -899,7 +916,7 @@ def cold_start(
     spans.add("process_ready", 0.0, spans.now())
     runtime = load_runtime(
         path, device=device, max_batch=max_batch, max_seq_len=max_seq_len, dtype=dtype,
-        verify=verify, workers=workers, spans=spans, arena=arena,
+        verify=verify, workers=workers, spans=spans, arena=arena, prefetch=prefetch,
     )
     engine = runtime.engine
     with spans.span("warm_up"):
