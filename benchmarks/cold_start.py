@@ -556,7 +556,8 @@ def main() -> int:
     server, base = serve_dir(packed)
     url = base
     results: dict[str, Any] = {"model_dir": str(args.model_dir), "bytes": index.total_bytes,
-                               "repeats": args.repeats, "torch": torch.__version__}
+                               "repeats": args.repeats, "torch": torch.__version__,
+                               "loadavg_start": os.getloadavg()}
     try:
         if not args.skip_inproc:
             log("remote -> cache fetches")
@@ -623,6 +624,7 @@ def main() -> int:
     finally:
         server.shutdown()
     results["seconds"] = time.time() - started
+    results["loadavg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     args.out.write_text(render(results, " ".join(sys.argv)))
@@ -647,6 +649,10 @@ def render(r: dict[str, Any], command: str) -> str:
         f"Model: {r['model_dir']} ({r['bytes'] / 1e9:.2f} GB packed, float32), torch "
         f"{r['torch']}, {r['repeats']} rounds, 1 torch thread; a shared, noisy 2-core VM: "
         "read the ratios, not the absolute times.",
+        "",
+        "Load average (1, 5, 15 min) at the start: "
+        + ", ".join(f"{x:.2f}" for x in r.get("loadavg_start", ()))
+        + "; at the end: " + ", ".join(f"{x:.2f}" for x in r.get("loadavg_end", ())) + ".",
         "",
         "## Time to first token (seconds, from process start; (d) from the assignment)",
         "",
