@@ -270,10 +270,22 @@ def model_partition(model: str, partitions: int = CONTROL_PARTITIONS) -> int:
 
 # --- the app --------------------------------------------------------------------------------
 
+class EmberApp(faust.App):
+    """Faust's app without its Monitor sensor: per-event statistics (Faust's own /stats page)
+    that nothing of Ember reads, paid on every record in and out. Ember's counters are
+    streams.agents.outbox's, served on /metrics."""
+
+    def on_init_dependencies(self) -> Any:
+        dependencies = super().on_init_dependencies()  # adds the monitor to the sensors
+        if self.monitor in set(self.sensors):
+            self.sensors.remove(self.monitor)
+        return dependencies
+
+
 register_codecs()
 SETTINGS = StreamsSettings.from_env()
 
-app = faust.App(
+app = EmberApp(
     SETTINGS.group_id,
     broker=SETTINGS.broker_urls(),
     broker_credentials=SETTINGS.broker_credentials(),
