@@ -314,8 +314,8 @@ async def serve_worker(kafka: KafkaSettings, model: str, worker_id: str, partiti
     """A lightweight serving worker (run as `--serve-worker`): gpu_worker's intake without a
     model. Its partition of the model topic is *assigned* (no group membership; the same
     consumer settings as gpu_worker.worker); it announces itself on `ember.lifecycle` like a
-    real worker (state events, then heartbeats listing what it runs) and "serves" each request
-    for `service_ms`. Writes every record's intake time (time.time() when getmany returned
+    real worker (state events, then heartbeats listing what it runs and what it finished) and
+    "serves" each request for `service_ms`. Writes every record's intake time (time.time() when getmany returned
     it), the record's CreateTime and offset to `out_path` (JSON) when SIGTERM stops it."""
     started = time.time()
     topic = model_topic_name(model)
@@ -324,6 +324,7 @@ async def serve_worker(kafka: KafkaSettings, model: str, worker_id: str, partiti
     await producer.start()
     state = "starting"
     running: dict[str, float] = {}  # request id -> monotonic time it finishes
+    done: list[str] = []  # finished since the last heartbeat (gpu_worker's `done` list)
     intake: list[tuple[float, int, int]] = []
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -339,10 +340,13 @@ async def serve_worker(kafka: KafkaSettings, model: str, worker_id: str, partiti
         await producer.send_and_wait(rec.topic, rec.value, key=rec.key, headers=rec.headers)
 
     async def heartbeats() -> None:
+        nonlocal done
         while True:
             ids = tuple(running)[:256]
+            finished, done = tuple(done[:256]), done[256:]
             await announce("heartbeat", "ready", free_slots=max(INTAKE_SLOTS - len(ids), 0),
-                           total_slots=INTAKE_SLOTS, queued_tokens=0, in_flight=ids)
+                           total_slots=INTAKE_SLOTS, queued_tokens=0, in_flight=ids,
+                           done=finished)
             await asyncio.sleep(INTAKE_HEARTBEAT_S)
 
     await announce("state", "warming")
@@ -369,6 +373,7 @@ async def serve_worker(kafka: KafkaSettings, model: str, worker_id: str, partiti
             running[(r.key or b"").decode()] = mono + service_ms / 1000
         for rid in [rid for rid, end in running.items() if end <= mono]:
             del running[rid]
+            done.append(rid)
     beats.cancel()
     await asyncio.gather(beats, return_exceptions=True)
     await consumer.stop()
@@ -732,8 +737,8 @@ def intake_report(intake: Intake) -> list[str]:
         "",
         f"One serving worker (partition 0 of its model's topic) takes a steady {intake.rate:g} "
         f"requests/s through admission and placement (it holds each for "
-        f"{intake.service_ms:g} ms and lists it in its heartbeats every "
-        f"{INTAKE_HEARTBEAT_S:g} s; placement least-loaded, {INTAKE_SLOTS} slots). Then a "
+        f"{intake.service_ms:g} ms; its heartbeats every {INTAKE_HEARTBEAT_S:g} s list what "
+        "it runs and what it finished; placement least-loaded, {INTAKE_SLOTS} slots). Then a "
         "second worker process starts on partition 1, announces itself `ready` on "
         "`ember.lifecycle` and gets placements. Both are lightweight workers "
         "(`--serve-worker`: gpu_worker's assigned-partition intake and lifecycle events, no "
