@@ -8,9 +8,11 @@ STAMP := $(VENV)/.installed
 MODELS ?= models
 TINY := $(MODELS)/tiny
 PYTEST_ARGS ?=
-# The reliability suite (tests/reliability: faults, fuzz, load under real processes) runs on
-# its own: `make reliability` (long form) or `make test-reliability` (short form).
-TEST_SELECT ?= -m "not reliability"
+# Which tests `make test` runs: all of them, the reliability suite's short form included
+# (tests/reliability: faults, fuzz, load under real processes, ~4 min on its own broker).
+# TEST_SELECT='-m "not reliability"' leaves it out; `make test-reliability` runs only it and
+# `make reliability` its long form.
+TEST_SELECT ?=
 
 .PHONY: setup demo test test-reliability broker topics stop bench-decode clean-venv
 
