@@ -1,6 +1,6 @@
 """`make reliability`: the reliability suite's long form, as a table.
 
-    .venv/bin/python benchmarks/reliability.py            # long form (~25-40 min here)
+    .venv/bin/python benchmarks/reliability.py            # long form (~20 min here)
     .venv/bin/python benchmarks/reliability.py --short    # the CI form (a few minutes)
 
 Runs `pytest tests/reliability` (faults under traffic, fuzzed input, sustained load; see
