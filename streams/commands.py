@@ -112,6 +112,10 @@ def run_streams(args: argparse.Namespace) -> int:
         reason = asyncio.run(_apply_topics(SETTINGS))
     if reason is not None:
         return _fail(reason)
+    try:  # Faust creates its data directory without parents (a fresh EMBER_HOME)
+        SETTINGS.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return _fail(f"cannot create the streams data directory {SETTINGS.data_dir}: {exc}")
 
     import faust
 

@@ -286,6 +286,7 @@ async def streams(
         "EMBER_STREAMS_WEB_PORT": str(port),
         "EMBER_STREAMS_TICK_S": "0.5",
         "EMBER_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "EMBER_HOME": str(tmp / "fresh" / "home"),  # not there yet: streams creates it
     }
     log = tmp / "streams.log"
     with log.open("wb") as out:
