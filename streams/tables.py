@@ -378,8 +378,26 @@ class ObservationRecorder:
         hourly[model] = profile.add(now, new_arrivals).to_dict()
 
         load = ModelLoad.from_observation(obs).to_dict()
-        if _without_at(model_load.get(model)) != load:
+        if load_row_due(model_load.get(model), load, now):
             model_load[model] = {**load, "at": now}
+
+
+LOAD_REFRESH_MS = 1_000
+
+
+def load_row_due(
+    row: Mapping[str, Any] | None, load: Mapping[str, Any], now: int,
+    refresh_ms: int = LOAD_REFRESH_MS,
+) -> bool:
+    """Whether the `model-load` row must be written: the load changed, or the row is
+    `refresh_ms` old. Admission counts its own admissions on top of the row until a newer one
+    arrives; a load that went back to the same value (requests placed and finished within a
+    tick) must still reach it, or that count only grows.
+
+    row {"pending": 0, "at": 5000}, same load: due at now >= 6000, not at 5500."""
+    if row is None or _without_at(row) != dict(load):
+        return True
+    return now - int(row.get("at", 0)) >= refresh_ms
 
 
 def _without_at(row: Mapping[str, Any] | None) -> dict[str, Any] | None:

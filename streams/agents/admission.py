@@ -19,7 +19,8 @@ reply topic is readable) and handed to `streams.policy.admission.admit`. Its out
   only for its head.
 
 The model loads admission bounds queues with come from placement through the `model-load`
-global table, refreshed every tick; between two refreshes `admit` counts its own admissions.
+global table, written when the load changes and at least once a second
+(`streams.tables.load_row_due`); between two rows `admit` counts its own admissions.
 Tenant token buckets live in this process: with several streams processes each one limits
 the requests of its own partitions of `ember.requests`.
 """

@@ -29,6 +29,7 @@ from streams.agents.admission import Admission, admission, retry_at, retry_defer
 from streams.agents.outbox import Consumed, Out
 from streams.app import RETRY_AT_HEADER
 from streams.policy import AdmissionSpec, ModelAdmission, ModelLoad
+from streams.tables import load_row_due
 
 DEFERRED = "test-deferred"
 
@@ -248,3 +249,28 @@ def test_a_deferred_request_that_was_cancelled_is_answered_when_it_returns(
     other = request(request_id="r-2", latency_class="batch", submitted_at=now)
     [admitted] = adm.step(Consumed("ember.requests", 0, 2, b"r-2", encode(other)), now)
     assert admitted.topic == ADMITTED
+
+
+async def test_a_newer_load_row_with_the_same_load_resets_admissions_own_count(
+    agent: Any, sent: list[Out], loads: Loads
+) -> None:
+    """Between two rows admission counts its own admissions; a newer row with the same load
+    (placement placed and finished them within a tick) brings the count back to the row."""
+    loads.set("tiny", at=1, interactive=0)
+    for i in range(4):
+        await agent.put(value=encode(request(request_id=f"r-{i}")), key=f"r-{i}".encode())
+    await agent.put(value=encode(request(request_id="r-4")), key=b"r-4")
+    assert decode(TokenChunk, sent[-1].value).error_code == "overloaded"
+    loads.set("tiny", at=2_000, interactive=0)  # same load, written again a second later
+    await agent.put(value=encode(request(request_id="r-5")), key=b"r-5")
+    assert sent[-1].topic == ADMITTED
+
+
+def test_the_model_load_row_is_rewritten_when_it_changes_or_a_second_old() -> None:
+    load = ModelLoad(queued={"interactive": 0}, ready_slots=8).to_dict()
+    row = {**load, "at": 5_000}
+    assert load_row_due(None, load, 5_000)
+    assert not load_row_due(row, load, 5_500)
+    assert load_row_due(row, load, 6_000)
+    changed = ModelLoad(queued={"interactive": 1}, ready_slots=8).to_dict()
+    assert load_row_due(row, changed, 5_001)
