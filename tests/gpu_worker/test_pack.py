@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from gpu_worker.loader import load_runtime, open_artifact, stream_weights
-from gpu_worker.make_model import make_model
 from gpu_worker.pack import (
     INDEX_FILE,
     ArtifactError,
@@ -22,19 +21,6 @@ from gpu_worker.pack import (
     read_index,
 )
 from gpu_worker.weights import build_meta_model, load_model
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_model("tiny", tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def packed(tiny_dir, tmp_path_factory):
-    """fp32, small shards and blocks so that every boundary case is exercised."""
-    out = tmp_path_factory.mktemp("packed")
-    pack(tiny_dir, out, max_shard_bytes=300_000, block_bytes=16384, progress=None)
-    return out
 
 
 # ---- pure layout ----

@@ -12,32 +12,9 @@ import torch
 
 from gpu_worker.loader import CorruptShardError, TruncatedShardError, WeightStream, cold_start
 from gpu_worker.loader import open_artifact
-from gpu_worker.make_model import make_model
-from gpu_worker.pack import pack, read_index
+from gpu_worker.pack import read_index
 from gpu_worker.prefetch import ShardPrefetch, fetch_artifact_files
 from gpu_worker.weights import build_meta_model, expected_shapes, load_model
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_model("tiny", tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def packed(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("packed")
-    pack(tiny_dir, out, max_shard_bytes=300_000, block_bytes=16384, progress=None)
-    return out
-
-
-@pytest.fixture
-def damaged(packed, tmp_path):
-    for item in packed.rglob("*"):
-        if item.is_file():
-            dest = tmp_path / item.relative_to(packed)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(item.read_bytes())
-    return tmp_path
 
 
 def _meta(path):
