@@ -163,13 +163,8 @@ async def read_all(kafka_settings, topic: str, cls, keep, idle_ms: int = 1000) -
         await consumer.stop()
 
 
-async def test_worker_streams_tokens_and_answers_every_record(kafka_settings, tiny_model):
-    model, reply = f"tiny-{uuid.uuid4().hex[:8]}", f"test.replies.{uuid.uuid4().hex[:8]}"
-    await _topics(kafka_settings, model, reply)
-    config = WorkerConfig(
-        model=model, model_dir=tiny_model, partition=1, worker_id=f"w-{uuid.uuid4().hex[:6]}",
-        max_batch=4, chunk=ChunkPolicy(max_tokens=4, max_delay_ms=20), heartbeat_interval_s=0.2,
-    )
+async def _ready_worker(config: WorkerConfig, kafka_settings) -> tuple[Worker, asyncio.Task]:
+    """A worker running in this event loop, once it is `ready` (up to 60 s)."""
     worker = Worker(config, kafka_settings)
     task = asyncio.create_task(worker.run())
     for _ in range(600):
@@ -177,6 +172,17 @@ async def test_worker_streams_tokens_and_answers_every_record(kafka_settings, ti
             break
         await asyncio.sleep(0.1)
     assert worker.state == "ready"
+    return worker, task
+
+
+async def test_worker_streams_tokens_and_answers_every_record(kafka_settings, tiny_model):
+    model, reply = f"tiny-{uuid.uuid4().hex[:8]}", f"test.replies.{uuid.uuid4().hex[:8]}"
+    await _topics(kafka_settings, model, reply)
+    config = WorkerConfig(
+        model=model, model_dir=tiny_model, partition=1, worker_id=f"w-{uuid.uuid4().hex[:6]}",
+        max_batch=4, chunk=ChunkPolicy(max_tokens=4, max_delay_ms=20), heartbeat_interval_s=0.2,
+    )
+    worker, task = await _ready_worker(config, kafka_settings)
 
     prompts = ["hello world", "the quick brown fox", "café crème", "a"]
     good = [admitted(model, p, reply, max_tokens=12) for p in prompts]
@@ -285,13 +291,7 @@ async def test_a_second_copy_of_a_request_in_flight_is_not_answered(kafka_settin
         model=model, model_dir=tiny_model, partition=0, worker_id=f"w-{uuid.uuid4().hex[:6]}",
         max_batch=4, chunk=ChunkPolicy(max_tokens=4, max_delay_ms=20), heartbeat_interval_s=0.2,
     )
-    worker = Worker(config, kafka_settings)
-    task = asyncio.create_task(worker.run())
-    for _ in range(600):
-        if worker.state == "ready" or task.done():
-            break
-        await asyncio.sleep(0.1)
-    assert worker.state == "ready"
+    worker, task = await _ready_worker(config, kafka_settings)
     original = admitted(model, "once upon a time", reply, max_tokens=200)
     stale = admitted(model, "once upon a time", reply, max_tokens=8)
     stale = stale.placed_on("w-gone", warm=True, at=now_ms())
