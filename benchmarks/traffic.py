@@ -76,18 +76,18 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aiokafka import AIOKafkaConsumer, TopicPartition  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
 
 from infra.settings import KafkaSettings  # noqa: E402
 from infra.stack import LocalStack, StackConfig  # noqa: E402
+from infra.tail import TopicTail  # noqa: E402
 from schemas import LifecycleEvent, TokenChunk, decode  # noqa: E402
 from schemas.client import (  # noqa: E402
     EmberClient,
@@ -304,51 +304,6 @@ class Outcome:
     measured: bool = True  # False on Ember's diurnal learning day
 
 
-class Tail:
-    """Records of some topics from their current end, decoded by `keep`."""
-
-    def __init__(self, kafka: KafkaSettings, topic: str, keep: Callable[[bytes, Any], Any]):
-        self.kafka, self.topic, self.keep = kafka, topic, keep
-        self.items: list[Any] = []
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(**self.kafka.aiokafka_kwargs(), enable_auto_commit=False)
-        await self._consumer.start()
-        parts = self._consumer.partitions_for_topic(self.topic)
-        for _ in range(50):
-            if parts:
-                break
-            await self._consumer._client.force_metadata_update()  # noqa: SLF001
-            self._consumer._client.add_topic(self.topic)  # noqa: SLF001
-            await asyncio.sleep(0.1)
-            parts = self._consumer.partitions_for_topic(self.topic)
-        tps = [TopicPartition(self.topic, p) for p in sorted(parts or {0})]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_end(*tps)
-        for tp in tps:
-            await self._consumer.position(tp)
-        self._task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self._consumer is not None
-        while True:
-            for records in (await self._consumer.getmany(timeout_ms=200)).values():
-                for rec in records:
-                    with contextlib.suppress(Exception):
-                        item = self.keep(rec.value, rec.headers)
-                        if item is not None:
-                            self.items.append(item)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._consumer is not None:
-            await self._consumer.stop()
-
-
 @dataclass
 class RunResult:
     profile: str
@@ -411,7 +366,7 @@ async def _play(
     return outcomes
 
 
-async def _wait_workers_ready(workers: Tail, prefix: str, count: int, timeout_s: float) -> None:
+async def _wait_workers_ready(workers: TopicTail, prefix: str, count: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         state: dict[str, str] = {}
@@ -448,7 +403,7 @@ def _day_schedule(profile: Profile, items: list[Arrival], start_hour: float) -> 
 
 async def run_one(
     profile: Profile, policy: str, items: list[Arrival], kafka: KafkaSettings,
-    client: EmberClient, replies: Tail, args: argparse.Namespace,
+    client: EmberClient, replies: TopicTail, args: argparse.Namespace,
 ) -> RunResult:
     wall0 = time.monotonic()
     config = policy_config(policy, profile.compress, args.tick_s, args.ember_set)
@@ -463,7 +418,7 @@ async def run_one(
         kafka,
     )
     prefix = f"stack-{stack.run_id}-"
-    workers = Tail(
+    workers = TopicTail(
         kafka, LIFECYCLE,
         lambda v, h: (e if (e := decode(LifecycleEvent, v, h)).worker_id.startswith(prefix)
                       and e.kind == "state" else None),
@@ -809,7 +764,7 @@ async def main(args: argparse.Namespace) -> int:
     runs: list[RunResult] = []
     client = EmberClient.private(kafka, client_id=client_id)
     await client.start()
-    replies = Tail(
+    replies = TopicTail(
         kafka, client.reply_topic,
         lambda v, h: (c if (c := decode(TokenChunk, v, h)).finish_reason is not None else None),
     )

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import signal
 import sys
 import time
@@ -31,10 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-
 from infra.settings import KafkaSettings
 from infra.stack import LocalStack, StackConfig, StackError
+from infra.tail import TopicTail
 from schemas import ScaleDecision, decode
 from schemas.client import EmberClient, EmberError, RequestHandle
 from schemas.topics import DECISIONS
@@ -110,47 +108,15 @@ class Row:
     worker: str = "-"
 
 
-class DecisionLog:
-    """Every scale decision for `model` appended to ember.decisions after start()."""
+def decision_log(kafka: KafkaSettings, model: str) -> TopicTail:
+    """Every scale decision for `model` appended to ember.decisions after start(), in
+    `items`."""
 
-    def __init__(self, kafka: KafkaSettings, model: str) -> None:
-        self.kafka, self.model = kafka, model
-        self.decisions: list[ScaleDecision] = []
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
+    def keep(value: bytes, headers: Any) -> ScaleDecision | None:
+        decision = decode(ScaleDecision, value, headers)
+        return decision if decision.model == model else None
 
-    async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(
-            **self.kafka.aiokafka_kwargs(), enable_auto_commit=False
-        )
-        await self._consumer.start()
-        parts = self._consumer.partitions_for_topic(DECISIONS)
-        if not parts:
-            await self._consumer._client.force_metadata_update()  # noqa: SLF001
-            parts = self._consumer.partitions_for_topic(DECISIONS) or {0}
-        tps = [TopicPartition(DECISIONS, p) for p in sorted(parts)]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_end(*tps)
-        for tp in tps:
-            await self._consumer.position(tp)
-        self._task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self._consumer is not None
-        while True:
-            for records in (await self._consumer.getmany(timeout_ms=200)).values():
-                for rec in records:
-                    with contextlib.suppress(Exception):
-                        decision = decode(ScaleDecision, rec.value, rec.headers)
-                        if decision.model == self.model:
-                            self.decisions.append(decision)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._consumer is not None:
-            await self._consumer.stop()
+    return TopicTail(kafka, DECISIONS, keep)
 
 
 def printable(text: str) -> str:
@@ -230,7 +196,7 @@ def decision_table(decisions: list[ScaleDecision], t0: int) -> str:
     return "\n".join(lines)
 
 
-async def _linger(stack: LocalStack, log: DecisionLog, model: str, seconds: float) -> None:
+async def _linger(stack: LocalStack, log: TopicTail, model: str, seconds: float) -> None:
     """Until the model has no ready or booting worker (all released) or `seconds` pass."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -241,7 +207,7 @@ async def _linger(stack: LocalStack, log: DecisionLog, model: str, seconds: floa
             continue
         workers = page.get("models", {}).get(model, {}).get("workers", [])
         live = [w for w in workers if w["state"] not in ("stopped", "failed", "draining")]
-        if any(d.action == "release" for d in log.decisions) and not live:
+        if any(d.action == "release" for d in log.items) and not live:
             return
 
 
@@ -261,7 +227,7 @@ async def run_demo(model_dir: Path, model: str, linger_s: float, log_dir: Path |
     print(f"starting the stack: ember streams (policy ember_predictive) + ember supervisor "
           f"(1 pre-started process); logs in {stack.log_dir}", flush=True)
     t_start = time.monotonic()
-    log = DecisionLog(kafka, model)
+    log = decision_log(kafka, model)
     await log.start()
     try:
         async with stack:
@@ -278,7 +244,7 @@ async def run_demo(model_dir: Path, model: str, linger_s: float, log_dir: Path |
             await _linger(stack, log, model, linger_s)
             print("\n" + request_table(rows))
             print("\nscale decisions (ember.decisions, seconds after the first request):")
-            print(decision_table(log.decisions, t0), flush=True)
+            print(decision_table(log.items, t0), flush=True)
             print("\nstopping the stack ...", flush=True)
     except StackError as exc:
         print(f"the stack did not start: {exc}", file=sys.stderr)
