@@ -86,7 +86,7 @@ SLOTS = 4096
 WORKERS = 4
 # The intake-gap model: real (lightweight) worker processes, each assigned its partition.
 INTAKE_SLOTS = 256
-INTAKE_PACK_BELOW = 0.0  # least loaded: the added worker gets placements at once
+INTAKE_PACK_BELOW = 0.0  # least loaded (with slow start): the added worker gets placements
 INTAKE_HEARTBEAT_S = 0.25
 INTAKE_IDLE_POLL_MS = 100  # as gpu_worker's WorkerConfig.idle_poll_ms
 INTAKE_STEP_MS = 10  # getmany timeout while requests run: stands in for an engine step
@@ -448,8 +448,8 @@ async def measure_intake(producer: AIOKafkaProducer, target: Target, workdir: Pa
                          rate: float, window_s: float, service_ms: float) -> Intake:
     """A serving worker (partition 0) takes a steady flow of `rate` requests/s through
     admission and placement; `baseline_s` later a second worker process is started on
-    partition 1 (it announces itself ready and gets placements: least-loaded placement sends
-    it the next requests); the flow goes on for `after_s`. Windows of the serving worker's
+    partition 1 (it announces itself ready and gets placements: least-loaded placement with
+    slow start eases it in beside the serving worker); the flow goes on for `after_s`. Windows of the serving worker's
     intake: the baseline (the same length as the add window, before the add), and around the
     add (from the second process's start until the flow stops)."""
     baseline_s = after_s = window_s
@@ -738,7 +738,8 @@ def intake_report(intake: Intake) -> list[str]:
         f"One serving worker (partition 0 of its model's topic) takes a steady {intake.rate:g} "
         f"requests/s through admission and placement (it holds each for "
         f"{intake.service_ms:g} ms; its heartbeats every {INTAKE_HEARTBEAT_S:g} s list what "
-        f"it runs and what it finished; placement least-loaded, {INTAKE_SLOTS} slots). Then a "
+        f"it runs and what it finished; placement least-loaded with the default slow start, "
+        f"{INTAKE_SLOTS} slots). Then a "
         "second worker process starts on partition 1, announces itself `ready` on "
         "`ember.lifecycle` and gets placements. Both are lightweight workers "
         "(`--serve-worker`: gpu_worker's assigned-partition intake and lifecycle events, no "
@@ -748,9 +749,9 @@ def intake_report(intake: Intake) -> list[str]:
         "",
         "Gaps between consecutive intakes of the serving worker (ms): *intake gap* between "
         "the times it took two records in; *sent gap* between the two records' CreateTimes "
-        "(when placement sent them: least-loaded placement sends the added worker the next "
-        "requests until its load matches, so the serving worker is sent nothing for a while, "
-        "by policy); *not taken in*: intake gap minus sent gap, time records waited on the "
+        "(when placement sent them: a placement that sent the added worker every request "
+        "until its load matched would show here as a long sent gap; slow start eases it in); "
+        "*not taken in*: intake gap minus sent gap, time records waited on the "
         "partition beyond placement's spacing (a paused intake would show here).",
         "",
         "| window | s | records | intake gap p50 | p99 | max | sent gap p50 | p99 | max | "

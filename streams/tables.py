@@ -146,6 +146,7 @@ def _head_row(state: PlacementState) -> dict[str, Any]:
         "completed_total": state.completed_total,
         "mean_service_ms": state.mean_service_ms,
         "last_tick_at": state.last_tick_at,
+        "clock": state.clock,
     }
 
 

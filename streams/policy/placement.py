@@ -22,6 +22,20 @@ packing saves worker-seconds, and the cap keeps batches small enough that decode
 fast. `pack_below=0` is plain least-loaded (spreading). Ties go to the worker ready longest,
 then the smaller id, so placement is deterministic.
 
+Sharing among candidates (stride scheduling, as weighted fair queueing does it). Within a
+tier each candidate is weighed by its room, with a newly ready worker's room scaled by how long
+it has been ready, from `slow_start_floor` at once to all of it `slow_start_s` later (Envoy's
+slow start). Each worker has a `turn` on the model's virtual clock; the candidate with the
+earliest turn (never earlier than the clock) takes the request, the clock moves to that turn
+and the worker's next turn is 1 / weight later. So two workers with equal room alternate and
+a newly ready one is eased in beside a serving one. Plain least-loaded on heartbeat counts
+herds: a worker's finished requests reach placement only with its next heartbeat, so right
+after one worker's heartbeat it looks least loaded and would be sent every request until its
+count caught up, leaving the others without new work for that long (the intake gap of
+benchmarks/control_plane.py). Load still breaks ties of turn, so a fresh state is least
+loaded first. Room is never scaled: pending requests drain into every free slot at once, so
+a cold burst waits for nothing.
+
 Warm or cold. A request is `warm` iff a ready worker had room the moment it arrived (or, for
 a re-placed one, the moment its worker was found dead). Requests that waited in pending are
 `cold` when placed. Pending is ordered interactive, batch, eval; FIFO within a class; requests
@@ -82,6 +96,12 @@ class PlacementSpec:
     unseen_done_after_s: float = 3.0
     max_attempts: int = 3
     service_smoothing: float = 0.1
+    slow_start_s: float = 1.0
+    slow_start_floor: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.slow_start_floor <= 1:
+            raise ValueError(f"slow_start_floor must be in (0, 1], got {self.slow_start_floor}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +111,8 @@ class WorkerView:
     total_slots: None until a heartbeat reports it (then spec.default_slots is assumed).
     reported: request ids of its latest heartbeat. assigned: ids we placed on it, unfinished.
     last_seen_at: our clock when its latest event arrived; last_event_at: that event's `at`.
-    ready_since / idle_since: our clock; idle_since is set while ready with nothing to do."""
+    ready_since / idle_since: our clock; idle_since is set while ready with nothing to do.
+    turn: when, on the model's virtual clock, it takes its next request (see "Sharing")."""
 
     worker_id: str
     state: WorkerState
@@ -104,6 +125,7 @@ class WorkerView:
     last_event_at: int = 0
     ready_since: int | None = None
     idle_since: int | None = None
+    turn: float = 0.0
 
     def slots(self, spec: PlacementSpec) -> int:
         return spec.default_slots if self.total_slots is None else self.total_slots
@@ -143,6 +165,7 @@ class WorkerView:
             "last_event_at": self.last_event_at,
             "ready_since": self.ready_since,
             "idle_since": self.idle_since,
+            "turn": self.turn,
         }
 
     @classmethod
@@ -159,6 +182,7 @@ class WorkerView:
             int(data["last_event_at"]),
             data.get("ready_since"),
             data.get("idle_since"),
+            float(data.get("turn", 0.0)),
         )
 
 
@@ -177,7 +201,7 @@ class PlacementState:
     arrivals_total / warm_total / cold_total: requests that arrived, and whether each was
     placed at once (warm) or had to wait (cold). completed_total: requests finished.
     mean_service_ms: smoothed placement-to-finish time. last_tick_at: our clock at the last
-    tick."""
+    tick. clock: placement's virtual clock, the turn of the latest placement (see "Sharing")."""
 
     model: str
     workers: Mapping[str, WorkerView] = field(default_factory=dict)
@@ -189,6 +213,7 @@ class PlacementState:
     completed_total: int = 0
     mean_service_ms: float | None = None
     last_tick_at: int | None = None
+    clock: float = 0.0
 
     def queued(self, latency_class: str) -> tuple[AdmittedRequest, ...]:
         return self.pending.get(latency_class, ())
@@ -213,6 +238,7 @@ class PlacementState:
             "completed_total": self.completed_total,
             "mean_service_ms": self.mean_service_ms,
             "last_tick_at": self.last_tick_at,
+            "clock": self.clock,
         }
 
     @classmethod
@@ -231,6 +257,7 @@ class PlacementState:
             int(data["completed_total"]),
             data.get("mean_service_ms"),
             data.get("last_tick_at"),
+            float(data.get("clock", 0.0)),
         )
 
 
@@ -281,25 +308,43 @@ class PlacementStep:
 # --- choosing a worker and draining pending ----------------------------------------------
 
 
-def choose_worker(spec: PlacementSpec, workers: Iterable[WorkerView]) -> WorkerView | None:
+def choose_worker(
+    spec: PlacementSpec, workers: Iterable[WorkerView], now: int | None = None, clock: float = 0.0
+) -> WorkerView | None:
     """The worker the next request goes to, or None when no ready worker has room.
 
     pack_below 0.5, 8 slots: A runs 3 (0.375), B runs 5 (0.625), C idle -> A. A at 4 (0.5)
-    and B at 5 -> C, the least loaded of all."""
+    and B at 5 -> C, the least loaded of all. Turns: A's next turn at 2.0, B's at 1.5, clock
+    1.0 -> B. Slow start (`now` given, slow_start_s 1, floor 0.1): B ready 0 ms ago weighs
+    a tenth of its room, so each request it takes puts its turn 10x further off than A's."""
     best, best_key = None, None
     for w in workers:
-        if w.state != "ready" or w.partition is None:
+        if w.room(spec) <= 0:
             continue
         busy, slots = w.busy, w.slots(spec)
-        if busy >= slots:
-            continue
-        occupancy = busy / slots
-        packing = busy > 0 and occupancy < spec.pack_below
-        # packing candidates first, then the least loaded, ready longest, smallest id
-        key = (not packing, occupancy, w.ready_since or 0, w.worker_id)
+        packing = busy > 0 and busy / slots < spec.pack_below
+        load = (busy + 1) / (slots * _warmed(spec, w, now))
+        # packing candidates first, then the earliest turn, least loaded, ready longest, id
+        key = (not packing, max(w.turn, clock), load, w.ready_since or 0, w.worker_id)
         if best_key is None or key < best_key:
             best, best_key = w, key
     return best
+
+
+def _warmed(spec: PlacementSpec, worker: WorkerView, now: int | None) -> float:
+    """The share of its room a worker weighs with: slow start."""
+    if now is None or worker.ready_since is None or spec.slow_start_s <= 0:
+        return 1.0
+    ramp = (now - worker.ready_since) / (spec.slow_start_s * 1000)
+    return min(1.0, max(spec.slow_start_floor, ramp))
+
+
+def _took_turn(
+    spec: PlacementSpec, worker: WorkerView, now: int, clock: float
+) -> tuple[float, float]:
+    """(the worker's next turn, the clock) after it took a request."""
+    turn = max(worker.turn, clock)
+    return turn + 1.0 / (worker.room(spec) * _warmed(spec, worker, now)), turn
 
 
 def _drain(
@@ -312,24 +357,28 @@ def _drain(
     workers = dict(state.workers)
     in_flight = dict(state.in_flight)
     pending = dict(state.pending)
+    clock = state.clock
     placements: list[Placement] = []
     for cls in LATENCY_CLASSES:
         queue = pending.get(cls, ())
         taken = 0
         while taken < len(queue):
-            worker = choose_worker(spec, workers.values())
+            worker = choose_worker(spec, workers.values(), now, clock)
             if worker is None or worker.partition is None:
                 break
             request = queue[taken]
             taken += 1
             placed = request.placed_on(worker.worker_id, warm=request.request_id in fresh, at=now)
-            workers[worker.worker_id] = worker.with_work(
-                worker.assigned | {placed.request_id}, worker.reported, now
+            turn, clock = _took_turn(spec, worker, now, clock)
+            workers[worker.worker_id] = replace(
+                worker.with_work(worker.assigned | {placed.request_id}, worker.reported, now),
+                turn=turn,
             )
             in_flight[placed.request_id] = InFlight(placed)
             placements.append(Placement(placed, worker.partition))
         pending[cls] = queue[taken:]
-    return replace(state, workers=workers, in_flight=in_flight, pending=pending), placements
+    state = replace(state, workers=workers, in_flight=in_flight, pending=pending, clock=clock)
+    return state, placements
 
 
 def _finished(

@@ -101,6 +101,71 @@ def test_choose_worker(pack_below, workers, chosen):
     assert (got.worker_id if got else None) == chosen
 
 
+def sent_to(spec, state, n, start, every_ms=10) -> list[str]:
+    """Worker ids of n requests admitted every_ms apart from `start`."""
+    order = []
+    for i in range(n):
+        step = on_admitted(spec, state, admitted(f"q{i}"), start + i * every_ms)
+        state = step.state
+        order += [p.request.worker_id for p in step.placements]
+    return order
+
+
+def longest_run(order, worker) -> int:
+    run = best = 0
+    for w in order:
+        run = run + 1 if w == worker else 0
+        best = max(best, run)
+    return best
+
+
+def test_equal_workers_take_turns_whatever_their_counts_say():
+    """Heartbeats report finished requests late, so counts are stale: least loaded alone would
+    send w-1 the next 20 requests (w-0 looks 20 busier) and w-0 nothing for that long."""
+    spec = PlacementSpec(MODEL, pack_below=0.0, slow_start_s=0.0)
+    workers = {
+        "w-0": view("w-0", 20, slots=256, partition=0),
+        "w-1": view("w-1", 0, slots=256, partition=1),
+    }
+    order = sent_to(spec, PlacementState(MODEL, workers=workers), 40, T0)
+    assert longest_run(order, "w-1") <= 2
+    assert 18 <= order.count("w-0") <= 22
+
+
+def test_slow_start_eases_a_new_worker_in():
+    spec = PlacementSpec(MODEL, pack_below=0.0, slow_start_s=1.0, slow_start_floor=0.1)
+    workers = {
+        "w-0": view("w-0", 5, slots=256, partition=0, since=T0 - 600_000),
+        "w-1": view("w-1", 0, slots=256, partition=1, since=T0),
+    }
+    state = PlacementState(MODEL, workers=workers)
+    order = sent_to(spec, state, 200, T0)  # 2 s, 10 ms apart
+    first, second = order[:50], order[100:]  # its first 0.5 s; after the ramp
+    assert 1 <= first.count("w-1") <= 20  # eased in: a share growing from a tenth
+    assert 40 <= second.count("w-1") <= 60  # then half
+    assert longest_run(order, "w-1") <= 2  # never a run that starves w-0
+    # a fresh state without slow start or turns: plain least loaded, the idle worker first
+    assert choose_worker(spec, workers.values()).worker_id == "w-1"
+    assert choose_worker(spec, workers.values(), T0).worker_id == "w-0"
+
+
+def test_slow_start_never_holds_back_pending():
+    """A burst waiting for the first worker goes out to every free slot the moment it is
+    ready: slow start weighs workers against each other, it does not shrink room."""
+    spec = PlacementSpec(MODEL, default_slots=4, slow_start_s=10.0)
+    state = PlacementState(MODEL)
+    for i in range(6):
+        state = on_admitted(spec, state, admitted(f"r{i}"), T0).state
+    step = on_lifecycle(spec, state, event("w-0", T0 + 5), T0 + 5)
+    assert len(step.placements) == 4
+    assert len(step.state.queued("interactive")) == 2
+
+
+def test_slow_start_floor_must_be_positive():
+    with pytest.raises(ValueError, match="slow_start_floor"):
+        PlacementSpec(MODEL, slow_start_floor=0.0)
+
+
 # --- arrivals and the warm flag ----------------------------------------------------------
 
 
