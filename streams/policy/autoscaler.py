@@ -13,8 +13,10 @@ Each tick (the agent calls it every second or two) the policy:
    that and the concurrency observed now (in flight + pending), and sizes the pool for it at
    the spec's target utilization;
 4. adds one worker while the hit rate is under `hit_rate_target`, lower than a window ago,
-   and the queue is rising: requests are starting to meet cold workers, so expand before the
-   forecast catches up;
+   the queue is rising and a worker is ready: the warm pool is falling behind, so expand
+   before the forecast catches up. Not from an empty pool: there every arrival meets a cold
+   worker by definition, and the demand in the system already sizes the scale-up (a lone
+   request asks for one worker, not two);
 5. clamps to the spec's floor and ceiling and compares with the pool (ready + booting +
    launches asked for but not seen yet).
 
@@ -157,12 +159,17 @@ class EmberPolicy:
         base = spec.workers_for(demand)
 
         # 4. Hit-rate trend. Last 60 s: 30 warm of 40 -> 0.75 < 0.9; the 60 s before: 0.95;
-        # pending 6 > 2 a tick ago -> expand by one.
+        # pending 6 > 2 a tick ago; 2 workers ready -> expand by one.
         hit_rate, hit_before = hit_rates(state.warm, state.cold, now, window)
         queue_rising = obs.pending_total > state.last_pending
         falling = hit_rate is not None and (hit_before is None or hit_rate < hit_before)
+        warm_pool = bool(outstanding.serving(obs))
         expand = (
-            hit_rate is not None and hit_rate < self.hit_rate_target and falling and queue_rising
+            hit_rate is not None
+            and hit_rate < self.hit_rate_target
+            and falling
+            and queue_rising
+            and warm_pool
         )
 
         # 5. Floor and ceiling; the pool is ready + booting + unseen launches: 2 + 1 + 0 = 3.

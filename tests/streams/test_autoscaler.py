@@ -27,12 +27,23 @@ def burst_at(start_s: float, concurrency: int, rate: float, end_s: float = 1e9):
 def test_a_burst_scales_up_at_once_and_only_once_while_workers_boot():
     ticks, _, fleet = run(EMBER, SPEC, burst_at(10, 20, 5.0), 120)
     ups = actions(ticks, "scale_up")
-    assert [(t, d.count) for t, d in ups] == [(10, 5)]
+    assert [(t, d.count) for t, d in ups] == [(10, 4)]
     d = ups[0][1]
-    # 20 in the system / 5.6 -> 4; every arrival met no worker: hit rate 0 and queue rising: +1
-    assert d.inputs["base"] == 4 and d.inputs["target"] == 5 and d.inputs["concurrency"] == 20
-    assert "ahead" in d.reason
-    assert actions(ticks, "release") == [] and fleet.live == 5
+    # 20 in the system / 5.6 -> 4. Every arrival met no worker (hit rate 0, queue rising), but
+    # from an empty pool that is the cold start itself: no +1 ahead
+    assert d.inputs["base"] == 4 and d.inputs["target"] == 4 and d.inputs["concurrency"] == 20
+    assert "ahead" not in d.reason
+    assert actions(ticks, "release") == [] and fleet.live == 4
+
+
+def test_a_lone_request_from_an_empty_pool_starts_one_worker():
+    empty = dict(in_flight=0, workers=())
+    state, [d] = decide(SPEC, initial_state(), observation(0, **empty), T0)
+    assert d.action == "hold"
+    obs = observation(1, arrivals=1, pending=1, **empty)
+    state, [d] = decide(SPEC, state, obs, T0 + 1000)
+    assert (d.action, d.count) == ("scale_up", 1)
+    assert d.inputs["hit_rate"] == 0.0 and "ahead" not in d.reason
 
 
 def test_steady_load_holds():
