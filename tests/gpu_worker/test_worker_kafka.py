@@ -245,6 +245,34 @@ async def test_worker_streams_tokens_and_answers_every_record(kafka_settings, ti
     assert {"process", "weights_load", "warm_up", "runtime_ready", "first_token"} <= spans
 
 
+async def test_a_finished_request_is_reported_early(kafka_settings, tiny_model):
+    """Heartbeats every 30 s, but a finished request shows in a heartbeat's `done` within
+    done_report_s (plus the time to produce it), not up to 30 s later."""
+    model, reply = f"tiny-{uuid.uuid4().hex[:8]}", f"test.replies.{uuid.uuid4().hex[:8]}"
+    await _topics(kafka_settings, model, reply)
+    config = WorkerConfig(
+        model=model, model_dir=tiny_model, partition=0, worker_id=f"w-{uuid.uuid4().hex[:6]}",
+        heartbeat_interval_s=30.0, done_report_s=0.1,
+    )
+    worker, task = await _ready_worker(config, kafka_settings)
+    try:
+        msg = admitted(model, "hello", reply, max_tokens=3)
+        await produce(kafka_settings, config.topic, 0, msgs=[msg])
+        replies = await collect(kafka_settings, reply, {msg.request_id}, timeout_s=60)
+        [last] = replies.terminals[msg.request_id]
+        await asyncio.sleep(1.0)
+        events = await read_all(
+            kafka_settings, LIFECYCLE, LifecycleEvent,
+            lambda e: e.worker_id == config.worker_id and msg.request_id in (e.done or ()),
+        )
+    finally:
+        worker.drain()
+        await asyncio.wait_for(task, 30)
+    [reported] = events
+    assert reported.kind == "heartbeat"
+    assert 0 <= reported.at - last.emitted_at < 1000
+
+
 def _start_worker_process(model_dir: Path, model: str, worker_id: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "infra.cli", "worker", str(model_dir), "--model", model,
            "--partition", "0", "--worker-id", worker_id, "--chunk-tokens", "1"]
