@@ -8,7 +8,10 @@ Each tick (the agent calls it every second or two) the policy:
    warm / cold arrivals (hit rate now and one window earlier) and the hour-of-day profile;
 2. forecasts the request rate as the higher of the trailing rate and the profile's expected
    rate for the coming `lookahead_s` (so a daily peak is pre-warmed, and a surprise burst is
-   still followed);
+   still followed). The profile is read at least `cold_start_lead` cold starts ahead: the
+   policy times its own launches (scale-up decision to a new worker seen ready, smoothed), so
+   a pre-warm is asked for early enough to be ready when the hour's traffic starts, whatever
+   a cold start costs on this machine;
 3. turns rate into concurrency with Little's law, L = rate x service time, takes the higher of
    that and the concurrency observed now (in flight + pending), and sizes the pool for it at
    the spec's target utilization;
@@ -73,6 +76,9 @@ class EmberState:
     last_pending: int = 0
     recent_targets: tuple[tuple[int, int], ...] = ()  # (unix ms, target), oldest first
     outstanding: Outstanding = Outstanding()
+    launches: tuple[int, ...] = ()  # unix ms of each worker asked for and not seen ready yet
+    ready_ids: frozenset[str] = frozenset()  # workers seen ready at the last tick
+    cold_start_ms: float | None = None  # launch to ready, smoothed; None before one was seen
 
     def to_dict(self) -> dict[str, Any]:
         c = self.counters
@@ -85,6 +91,9 @@ class EmberState:
             "last_pending": self.last_pending,
             "recent_targets": [list(t) for t in self.recent_targets],
             "outstanding": self.outstanding.to_dict(),
+            "launches": list(self.launches),
+            "ready_ids": sorted(self.ready_ids),
+            "cold_start_ms": self.cold_start_ms,
         }
 
     @classmethod
@@ -99,6 +108,9 @@ class EmberState:
             int(data["last_pending"]),
             tuple((int(at), int(t)) for at, t in data["recent_targets"]),
             Outstanding.from_dict(data["outstanding"]),
+            tuple(int(at) for at in data.get("launches", ())),
+            frozenset(data.get("ready_ids", ())),
+            data.get("cold_start_ms"),
         )
 
 
@@ -111,7 +123,9 @@ class EmberPolicy:
     scale-down window. hit_rate_target: below it, with a rising queue, the pool expands.
     hour_s: the length of the profile's hour (3600; a time-compressed benchmark day shortens
     it: an hour is trusted after `hour_s` of watching and old days fade after 7 x `hour_s`).
-    profile_max_gap_s: a longer gap between two ticks is not credited to the profile."""
+    profile_max_gap_s: a longer gap between two ticks is not credited to the profile.
+    cold_start_lead: the profile is read at least this many measured cold starts ahead.
+    cold_start_smoothing: weight of each new launch-to-ready time in the smoothed one."""
 
     name: str = "ember_predictive"
     window_s: float = 60.0
@@ -121,6 +135,8 @@ class EmberPolicy:
     hit_rate_target: float = 0.9
     hour_s: float = 3600.0
     profile_max_gap_s: float = 600.0
+    cold_start_lead: float = 2.0
+    cold_start_smoothing: float = 0.3
 
     def initial_state(self) -> EmberState:
         bucket, keep = ms(self.bucket_s), 2 * ms(self.window_s)
@@ -142,13 +158,16 @@ class EmberPolicy:
         obs = observation
         # 1. Counters into windows and the profile; what we asked for but cannot see yet.
         state = _fold_counters(state, obs, now)
+        state = self._timed_launches(spec, state, obs, now)
         outstanding = state.outstanding.observed(obs, now, ms(spec.launch_grace_s))
         window = ms(self.window_s)
 
         # 2. Forecast. Trailing 60 s: 90 arrivals over 60 s -> 1.5/s. Profile for the next
-        # 10 min: 3.0/s (a peak starts in 8 min) -> forecast max(1.5, 3.0) = 3.0/s.
+        # 10 min: 3.0/s (a peak starts in 8 min) -> forecast max(1.5, 3.0) = 3.0/s. Cold
+        # starts of 400 s (a slow machine) would stretch the 10 min to 2 x 400 s.
         rate_trailing = state.arrivals.rate_per_s(now, window)
-        rate_profile = state.profile.expected_rate_ahead(now, ms(self.lookahead_s))
+        lookahead = self.lookahead_ms(state)
+        rate_profile = state.profile.expected_rate_ahead(now, lookahead)
         rate = max(rate_trailing, rate_profile or 0.0)
 
         # 3. Little's law: 3.0/s x 4 s service = 12 concurrent; observed now 10 in flight +
@@ -191,6 +210,8 @@ class EmberPolicy:
                 "ready": len(outstanding.serving(obs)),
                 "booting": len(obs.booting),
                 "unseen_launches": outstanding.unseen_launches,
+                "cold_start_s": None if state.cold_start_ms is None else state.cold_start_ms / 1000,
+                "lookahead_s": lookahead / 1000,
                 "active": active,
                 "base": base,
                 "target": target,
@@ -211,6 +232,7 @@ class EmberPolicy:
             why = f"target {target} > {active} workers: {sizing}"
             decisions = [Decision.scale_up(n, why, inputs)]
             outstanding = outstanding.launched(n, now)
+            state = replace(state, launches=(*state.launches, *([now] * n)))
         elif target < active:
             decisions, outstanding = self._scale_down(
                 spec, obs, outstanding, now, active, target, recent, inputs
@@ -224,6 +246,31 @@ class EmberPolicy:
             state, last_pending=obs.pending_total, recent_targets=recent, outstanding=outstanding
         )
         return state, decisions
+
+    def lookahead_ms(self, state: EmberState) -> int:
+        """How far ahead the profile is read: lookahead_s, or cold_start_lead measured cold
+        starts when that is longer."""
+        lead = 0 if state.cold_start_ms is None else self.cold_start_lead * state.cold_start_ms
+        return max(ms(self.lookahead_s), round(lead))
+
+    def _timed_launches(
+        self, spec: ScalingSpec, state: EmberState, obs: Observation, now: int
+    ) -> EmberState:
+        """Each worker newly seen ready ends the oldest launch still waiting: its
+        launch-to-ready time goes into cold_start_ms. Launches older than the launch grace
+        are dropped (lost, or answered by a worker that was ready anyway).
+
+        Launched at 10:00:00.0 and 10:00:01.0; one new worker ready at 10:00:02.5: 2.5 s;
+        smoothed 0.3 into a previous 1.5 s -> 1.8 s."""
+        ready = frozenset(w.worker_id for w in obs.ready)
+        grace = ms(spec.launch_grace_s)
+        launches = [at for at in state.launches if now - at < grace]
+        cold_start = state.cold_start_ms
+        for _ in range(min(len(ready - state.ready_ids), len(launches))):
+            took = float(now - launches.pop(0))
+            smoothing = self.cold_start_smoothing
+            cold_start = took if cold_start is None else cold_start + smoothing * (took - cold_start)
+        return replace(state, launches=tuple(launches), ready_ids=ready, cold_start_ms=cold_start)
 
     def _scale_down(
         self,

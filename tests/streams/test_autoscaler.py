@@ -155,8 +155,45 @@ def test_a_compressed_day_prewarms_like_a_real_one():
     assert decisions[0].inputs["target"] == 1
 
 
-def observation_at(now: int) -> Observation:
-    return Observation(MODEL, now, (), {"interactive": 0}, 0, 0, 0, 0, 4.0)
+def test_the_policy_times_its_own_cold_starts():
+    # workers boot for 20 s; ticks every 2 s: launched at 10 s, seen ready at 30 s
+    ticks, state, _ = run(EMBER, SPEC, burst_at(10, 20, 5.0), 60, fleet=FakeFleet(boot_s=20))
+    assert ticks[-1].decisions[0].inputs["cold_start_s"] == pytest.approx(20.0)
+    assert state.launches == () and state.cold_start_ms == pytest.approx(20_000)
+    before = [tk.decisions[0].inputs["cold_start_s"] for tk in ticks if tk.t_s < 30]
+    assert set(before) == {None}
+    # a second, slower start is smoothed in: 20 + 0.3 x (30 - 20) = 23 s
+    later = EMBER._timed_launches(
+        SPEC, replace(state, launches=(T0,)), observation_at(T0 + 30_000, ready=("w-9",)),
+        T0 + 30_000,
+    )
+    assert later.cold_start_ms == pytest.approx(23_000) and later.launches == ()
+
+
+def test_a_slow_cold_start_stretches_the_prewarm_lead():
+    """A compressed day whose lookahead (2 s) is shorter than this machine's cold start
+    (3 s): the policy reads the profile 2 x 3 s ahead, so the peak 5 s away is prewarmed."""
+    policy = EmberPolicy(window_s=0.2, bucket_s=0.05, lookahead_s=2.0, stabilization_s=0.2,
+                         hour_s=4.0, profile_max_gap_s=1.0)
+    hour = 4_000
+    profile = policy.initial_state().profile
+    for tick in range(24 * 16):
+        at = T0 - 24 * hour + tick * 250
+        profile = profile.add(at, (5.0 if (at // hour) % 24 == 9 else 0.2) * 0.25)
+    spec = replace(SPEC, keep_alive_s=0.3)
+    five_ahead = T0 + 9 * hour - 5_000
+    unknown = replace(policy.initial_state(), profile=profile)
+    _, [d] = policy.decide(spec, unknown, observation_at(five_ahead), five_ahead)
+    assert d.inputs["lookahead_s"] == 2.0 and d.inputs["target"] == 1
+    measured = replace(unknown, cold_start_ms=3_000.0)
+    _, [d] = policy.decide(spec, measured, observation_at(five_ahead), five_ahead)
+    assert d.inputs["lookahead_s"] == 6.0 and d.inputs["target"] == 4
+    assert d.inputs["rate_profile_per_s"] == pytest.approx(5.0)
+
+
+def observation_at(now: int, ready: tuple[str, ...] = ()) -> Observation:
+    workers = tuple(WorkerSnapshot(w, "ready", 0, 8) for w in ready)
+    return Observation(MODEL, now, workers, {"interactive": 0}, 0, 0, 0, 0, 4.0)
 
 
 # --- single decisions from hand-made observations ----------------------------------------
