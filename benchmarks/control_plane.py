@@ -10,6 +10,10 @@ is the steadier figure):
 - floor: a plain aiokafka forwarder doing the same two hops with no work at all (requests ->
   admitted -> a partition of a model topic, bytes copied, private topics): what two Kafka
   hops through one Python process cost here.
+- faust_floor: the same two hops as two Faust agents (`--faust-forward`: Ember's producer
+  settings and event loop, `stream.events()`, `app.producer.send`, memory store, no tables,
+  no work): what Faust itself costs per request before any of Ember's work, the ceiling for
+  any design of two agent hops in one Faust process (`--no-faust-floor` leaves it out).
 
 Latency (unloaded): requests one at a time. For each, from handing it to the producer to this
 script's consumer having the placed record from the model topic: what going through the
@@ -228,6 +232,32 @@ async def floor_target(kafka: KafkaSettings, workdir: Path) -> AsyncIterator[Tar
         await delete_topics(kafka, lambda t: t.startswith(f"bench-floor-{run}"))
 
 
+@contextlib.asynccontextmanager
+async def faust_floor_target(kafka: KafkaSettings, workdir: Path) -> AsyncIterator[Target]:
+    run = uuid.uuid4().hex[:8]
+    requests, admitted, placed = (f"bench-ffloor-{run}-{x}" for x in ("req", "adm", "model"))
+    await apply_topics(kafka, [TopicSpec(requests, CONTROL_PARTITIONS),
+                               TopicSpec(admitted, CONTROL_PARTITIONS), TopicSpec(placed, 8)])
+    log = workdir / "faust_floor.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--faust-forward", requests, admitted, placed],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "EMBER_HOME": str(workdir / "faust-floor-home")},
+        )
+    target = Target("faust_floor", proc, requests, placed, None, log)
+    try:
+        deadline = time.monotonic() + 120
+        while b"forwarding" not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the Faust forwarder did not start; see {log}")
+            await asyncio.sleep(0.2)
+        yield target
+    finally:
+        await stop(proc)
+        await delete_topics(kafka, lambda t: t.startswith(f"bench-ffloor-{run}"))
+
+
 async def wait_http(target: Target, url: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -304,6 +334,55 @@ async def forward(kafka: KafkaSettings, requests: str, admitted: str, placed: st
             asyncio.create_task(hop(admitted, placed, 0))]
     print("forwarding", flush=True)
     await asyncio.gather(*hops)
+
+
+def faust_forward(kafka: KafkaSettings, requests: str, admitted: str, placed: str,
+                  datadir: Path) -> None:
+    """The Faust floor (run as `--faust-forward`): the two hops as two Faust agents, with the
+    producer settings and event loop of streams.app, bytes copied, nothing decided."""
+    import faust
+
+    from streams.commands import _use_event_loop
+
+    app = faust.App(
+        f"bench-faust-floor-{uuid.uuid4().hex[:8]}",
+        broker=[f"kafka://{s.strip()}" for s in kafka.bootstrap_servers.split(",") if s],
+        store="memory://",
+        datadir=str(datadir),
+        autodiscover=False,
+        topic_partitions=CONTROL_PARTITIONS,
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        key_serializer="raw",
+        value_serializer="raw",
+        producer_acks=-1,
+        producer_max_batch_size=512 * 1024,
+        web_enabled=False,
+    )
+
+    def raw(name: str) -> faust.TopicT:
+        return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
+                         value_serializer="raw", partitions=CONTROL_PARTITIONS, internal=False)
+
+    @app.agent(raw(requests), name="hop-1")
+    async def hop_1(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            await app.producer.send(admitted, event.key, event.value, None, None, [])
+
+    @app.agent(raw(admitted), name="hop-2")
+    async def hop_2(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            await app.producer.send(placed, event.key, event.value, 0, None, [])
+
+    @app.on_rebalance_complete.connect
+    async def _assigned(app: faust.App, **kwargs: object) -> None:
+        print("forwarding", flush=True)
+
+    datadir.mkdir(parents=True, exist_ok=True)
+    _use_event_loop(os.environ.get("EMBER_STREAMS_LOOP", "auto"))
+    worker = faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False,
+                          override_logging=False)
+    worker.execute_from_commandline()
 
 
 # --- the intake-gap measurement ---------------------------------------------------------------
@@ -641,6 +720,11 @@ async def measure_throughput(producer: AIOKafkaProducer, w: Watch, target: Targe
     lo, hi = len(times) // 10, (len(times) * 9) // 10
     rate = (hi - lo) / (times[hi] - times[lo]) if hi > lo and times[hi] > times[lo] else 0.0
     overall = len(times) / (times[-1] - start) if times else 0.0
+    if times:
+        marks = [times[min(int(len(times) * q), len(times) - 1)] - start
+                 for q in (0.0, 0.1, 0.5, 0.9, 1.0)]
+        progress(f"{target.name}: placed 0/10/50/90/100 % at "
+                 + " / ".join(f"{m:.2f}" for m in marks) + " s after the first send")
     return Throughput(target.name, count, len(times), rate, overall, cpu, load_average())
 
 
@@ -670,7 +754,8 @@ def report(args: argparse.Namespace, lat: dict[str, Latency], thr: list[Throughp
         f"{min(loads):.1f}-{max(loads):.1f}; Python {platform.python_version()}); local Kafka "
         f"broker on loopback; one `ember streams` process (memory store) with {WORKERS} fake "
         "ready workers; `floor` is a plain aiokafka forwarder doing the same two hops with no "
-        "work (see the script's docstring).",
+        "work, `faust_floor` the same two hops as two Faust agents with no work (see the "
+        "script's docstring).",
         "",
         f"    {shlex.join([Path(sys.executable).name, *sys.argv])}",
         "",
@@ -687,6 +772,8 @@ def report(args: argparse.Namespace, lat: dict[str, Latency], thr: list[Throughp
         row("ember placement (admitted created -> placed created)", ember.placement_ms),
         row("ember delivery (placed created -> read by the client)", ember.delivery_ms),
         row("floor: the same three hops, no work", floor.total_ms),
+        row("faust_floor: the same hops through two Faust agents, no work",
+            lat.get("faust_floor", Latency()).total_ms),
         "",
         f"Target p50 < 20 ms: **{'met' if p50 < 20 else 'not met'}** ({p50:.1f} ms).",
         "",
@@ -713,7 +800,9 @@ def report(args: argparse.Namespace, lat: dict[str, Latency], thr: list[Throughp
         f"({median('ember', 'per_cpu_s'):.0f} per CPU second of the streams process); target "
         f">= 1,000/s: **{'met' if rate >= 1000 else 'not met'}**. floor, median: "
         f"{floor_rate:.0f}/s ({median('floor', 'per_cpu_s'):.0f} per CPU "
-        f"second).",
+        f"second). faust_floor, median: {median('faust_floor', 'overall_rate'):.0f}/s "
+        f"({median('faust_floor', 'per_cpu_s'):.0f} per CPU second): two Faust agent hops "
+        "with no work and no tables.",
         "",
     ]
     if intake is not None:
@@ -791,6 +880,10 @@ async def main(args: argparse.Namespace) -> str:
                 targets = [ember]
                 if not args.no_floor:
                     targets.append(await stack.enter_async_context(floor_target(kafka, workdir)))
+                if not args.no_faust_floor:
+                    targets.append(
+                        await stack.enter_async_context(faust_floor_target(kafka, workdir))
+                    )
                 model = ember.placed.removeprefix("ember.model.")
                 progress(f"targets ready: {', '.join(t.name for t in targets)}")
                 watches = {}
@@ -834,7 +927,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gap-s", type=float, default=0.02, help="pause between them")
     parser.add_argument("--requests", type=int, default=10_000, help="per throughput run")
     parser.add_argument("--runs", type=int, default=3, help="throughput runs per target")
-    parser.add_argument("--no-floor", action="store_true", help="measure ember only")
+    parser.add_argument("--no-floor", action="store_true", help="leave the aiokafka floor out")
+    parser.add_argument("--no-faust-floor", action="store_true",
+                        help="leave the Faust floor out")
     parser.add_argument("--out", type=Path, default=RESULTS / "control_plane.md")
     parser.add_argument("--profile", type=Path, help="cProfile the streams process into PATH")
     parser.add_argument("--py-spy", type=Path, metavar="PATH",
@@ -850,6 +945,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--serve-worker", nargs=5, help=argparse.SUPPRESS,
                         metavar=("MODEL", "WORKER_ID", "PARTITION", "SERVICE_MS", "OUT"))
     parser.add_argument("--forward", nargs=3, metavar="TOPIC", help=argparse.SUPPRESS)
+    parser.add_argument("--faust-forward", nargs=3, metavar="TOPIC", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -862,6 +958,10 @@ if __name__ == "__main__":
         sys.exit(0)
     if arguments.forward:
         asyncio.run(forward(KafkaSettings.from_env(), *arguments.forward))
+        sys.exit(0)
+    if arguments.faust_forward:
+        home = Path(os.environ.get("EMBER_HOME", tempfile.gettempdir()))
+        faust_forward(KafkaSettings.from_env(), *arguments.faust_forward, home / "faust-floor")
         sys.exit(0)
     text = asyncio.run(main(arguments))
     arguments.out.parent.mkdir(parents=True, exist_ok=True)
