@@ -20,7 +20,9 @@ queue with its `cancelled` chunk, goes on, unchanged, to the worker's partition 
 request, and is dropped for a request placement no longer knows.
 
 Time passing (dead workers, deadlines) is the timer's: `Placer.tick`, called by
-streams.agents.control for each model this process owns.
+streams.agents.autoscaler for each model this process owns. A request that arrives while its
+model has no worker ready or booting wakes that timer at once (`Placer.on_empty_pool`): a
+scale-up from zero waits for no tick.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from streams.agents.outbox import MEMO, Consumed, Out, count, now_ms, out, safel
 from streams.app import SETTINGS, app, placement_topic
 from streams.policy import PlacementSpec, PlacementState, PlacementStep
 from streams.policy.placement import failure_chunk, on_admitted, on_lifecycle, tick
+from streams.policy.scaling import BOOTING_STATES
 from streams.tables import PlacementStore, writing_for
 
 log = get_logger(__name__)
@@ -62,6 +65,8 @@ class Placer:
     def __init__(self, specs: Mapping[str, PlacementSpec], store: PlacementStore) -> None:
         self.specs = specs
         self.store = store
+        # called with the model when a request arrives and no worker is ready or booting
+        self.on_empty_pool: Callable[[str], None] | None = None
 
     def on_record(self, record: Consumed, now: int) -> list[Out]:
         if record.topic == LIFECYCLE:
@@ -82,9 +87,12 @@ class Placer:
         if spec is None:
             return [out(_unknown_model(request, now), request.request.reply_topic)]
         as_received = {request.request_id: bytes(record.value or b"")}
-        return self._apply(
+        outs = self._apply(
             spec, lambda state: on_admitted(spec, state, request, now), now, as_received
         )
+        if self.on_empty_pool is not None and not has_pool(self.store.get(spec.model)):
+            self.on_empty_pool(spec.model)
+        return outs
 
     def _cancel(self, cancel: Cancel, value: bytes, now: int) -> list[Out]:
         """docs/PROTOCOL.md §5.3: a pending request leaves the queue with its `cancelled`
@@ -175,6 +183,11 @@ class Placer:
         if step.placements:
             count("ember_placements_total", len(step.placements), model=model)
         return outs
+
+
+def has_pool(state: PlacementState) -> bool:
+    """A worker of the model is ready or on its way (booting)."""
+    return any(w.state == "ready" or w.state in BOOTING_STATES for w in state.workers.values())
 
 
 def decode_admitted_topic(value: bytes | None, headers: Any) -> AdmittedRequest | Cancel:

@@ -377,3 +377,60 @@ def test_rows_rebuild_the_same_state_after_any_sequence(tables: Tables, seed: in
         assert {w: v.assigned for w, v in rebuilt.workers.items()} == {
             w: v.assigned for w, v in live.workers.items()
         }
+
+
+# --- waking the control tick for a scale-up from zero ---------------------------------------
+
+
+def test_a_request_with_no_worker_ready_or_booting_wakes_the_tick() -> None:
+    placer = Tables().placer()
+    woken: list[str] = []
+    placer.on_empty_pool = woken.append
+    placer.on_record(consumed(admitted("r-1"), ADMITTED), T0)
+    assert woken == [MODEL]
+    # a worker on its way: nothing to wake, the tick that launched it follows it
+    booting = LifecycleEvent(worker_id="w-1", model=MODEL, kind="state", state="loading",
+                             at=T0 + 1, partition=0)
+    placer.on_record(consumed(booting, LIFECYCLE), T0 + 1)
+    placer.on_record(consumed(admitted("r-2"), ADMITTED), T0 + 2)
+    assert woken == [MODEL]
+    for event in ready("w-1", 0, T0 + 3):
+        placer.on_record(consumed(event, LIFECYCLE), T0 + 3)
+    placer.on_record(consumed(admitted("r-3"), ADMITTED), T0 + 4)
+    assert woken == [MODEL]
+
+
+async def test_the_tick_loop_runs_early_when_woken_and_not_too_often() -> None:
+    import asyncio
+    import time
+
+    from streams.agents.autoscaler import TickLoop
+
+    loop = TickLoop(every_s=30.0, min_gap_s=0.2)
+    ticks: list[float] = []
+
+    async def tick() -> None:
+        ticks.append(time.monotonic())
+
+    task = asyncio.create_task(loop.run(tick))
+    try:
+        while not ticks:
+            await asyncio.sleep(0.01)
+        loop.wake(MODEL)  # 30 s before the next tick is due
+        loop.wake(MODEL)
+        for _ in range(500):
+            if len(ticks) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(ticks) == 2, "a wake runs a tick at once"
+        assert ticks[1] - ticks[0] >= 0.2, "never twice within min_gap_s"
+        loop.wake(MODEL)
+        for _ in range(500):
+            if len(ticks) >= 3:
+                break
+            await asyncio.sleep(0.01)
+        assert len(ticks) == 3 and ticks[2] - ticks[1] >= 0.2
+        await asyncio.sleep(0.3)
+        assert len(ticks) == 3, "two wakes before a tick make one tick"
+    finally:
+        task.cancel()
