@@ -11,7 +11,7 @@ is the steadier figure):
   admitted -> a partition of a model topic, bytes copied, private topics): what two Kafka
   hops through one Python process cost here.
 - faust_floor: the same two hops as two Faust agents (`--faust-forward`: Ember's producer
-  settings and event loop, `stream.events()`, `app.producer.send`, memory store, no tables,
+  settings, EMBER_STREAMS_LINGER_MS included, and event loop, `stream.events()`, `app.producer.send`, memory store, no tables,
   no work): what Faust itself costs per request before any of Ember's work, the ceiling for
   any design of two agent hops in one Faust process (`--no-faust-floor` leaves it out).
 
@@ -357,6 +357,7 @@ def faust_forward(kafka: KafkaSettings, requests: str, admitted: str, placed: st
         value_serializer="raw",
         producer_acks=-1,
         producer_max_batch_size=512 * 1024,
+        producer_linger=float(os.environ.get("EMBER_STREAMS_LINGER_MS", "0")) / 1000,
         web_enabled=False,
     )
 
