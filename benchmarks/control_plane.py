@@ -828,7 +828,7 @@ def intake_report(intake: Intake) -> list[str]:
         f"One serving worker (partition 0 of its model's topic) takes a steady {intake.rate:g} "
         f"requests/s through admission and placement (it holds each for "
         f"{intake.service_ms:g} ms; its heartbeats every {INTAKE_HEARTBEAT_S:g} s list what "
-        f"it runs and what it finished; placement least-loaded with the default slow start, "
+        f"it runs and what it finished; placement by turns weighted by room with the default slow start, "
         f"{INTAKE_SLOTS} slots). Then a "
         "second worker process starts on partition 1, announces itself `ready` on "
         "`ember.lifecycle` and gets placements. Both are lightweight workers "
