@@ -208,54 +208,32 @@ async def ember_target(
 
 
 @contextlib.asynccontextmanager
-async def floor_target(kafka: KafkaSettings, workdir: Path) -> AsyncIterator[Target]:
-    run = uuid.uuid4().hex[:8]
-    requests, admitted, placed = (f"bench-floor-{run}-{x}" for x in ("req", "adm", "model"))
+async def forwarder_target(kafka: KafkaSettings, workdir: Path, name: str,
+                           flag: str) -> AsyncIterator[Target]:
+    """A `floor` target: this script run with `flag` (`--forward`, `--faust-forward`) on
+    private topics, ready once it prints `forwarding`."""
+    prefix = f"bench-{name.replace('_', '-')}-{uuid.uuid4().hex[:8]}"
+    requests, admitted, placed = (f"{prefix}-{x}" for x in ("req", "adm", "model"))
     await apply_topics(kafka, [TopicSpec(requests, CONTROL_PARTITIONS),
                                TopicSpec(admitted, CONTROL_PARTITIONS), TopicSpec(placed, 8)])
-    log = workdir / "floor.log"
+    log = workdir / f"{name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, __file__, "--forward", requests, admitted, placed],
+            [sys.executable, __file__, flag, requests, admitted, placed],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "EMBER_HOME": str(workdir / f"{name}-home")},
         )
-    target = Target("floor", proc, requests, placed, None, log)
-    try:
-        deadline = time.monotonic() + 60
-        while b"forwarding" not in log.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the forwarder did not start; see {log}")
-            await asyncio.sleep(0.2)
-        yield target
-    finally:
-        await stop(proc)
-        await delete_topics(kafka, lambda t: t.startswith(f"bench-floor-{run}"))
-
-
-@contextlib.asynccontextmanager
-async def faust_floor_target(kafka: KafkaSettings, workdir: Path) -> AsyncIterator[Target]:
-    run = uuid.uuid4().hex[:8]
-    requests, admitted, placed = (f"bench-ffloor-{run}-{x}" for x in ("req", "adm", "model"))
-    await apply_topics(kafka, [TopicSpec(requests, CONTROL_PARTITIONS),
-                               TopicSpec(admitted, CONTROL_PARTITIONS), TopicSpec(placed, 8)])
-    log = workdir / "faust_floor.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, __file__, "--faust-forward", requests, admitted, placed],
-            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "EMBER_HOME": str(workdir / "faust-floor-home")},
-        )
-    target = Target("faust_floor", proc, requests, placed, None, log)
+    target = Target(name, proc, requests, placed, None, log)
     try:
         deadline = time.monotonic() + 120
         while b"forwarding" not in log.read_bytes():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the Faust forwarder did not start; see {log}")
+                raise SystemExit(f"{name} did not start; see {log}")
             await asyncio.sleep(0.2)
         yield target
     finally:
         await stop(proc)
-        await delete_topics(kafka, lambda t: t.startswith(f"bench-ffloor-{run}"))
+        await delete_topics(kafka, lambda t: t.startswith(prefix))
 
 
 async def wait_http(target: Target, url: str, timeout: float = 180) -> None:
@@ -879,12 +857,12 @@ async def main(args: argparse.Namespace) -> str:
             async with contextlib.AsyncExitStack() as stack:
                 ember = await stack.enter_async_context(ember_target(kafka, workdir, args.profile))
                 targets = [ember]
-                if not args.no_floor:
-                    targets.append(await stack.enter_async_context(floor_target(kafka, workdir)))
-                if not args.no_faust_floor:
-                    targets.append(
-                        await stack.enter_async_context(faust_floor_target(kafka, workdir))
-                    )
+                floors = [("floor", "--forward", args.no_floor),
+                          ("faust_floor", "--faust-forward", args.no_faust_floor)]
+                for name, flag, left_out in floors:
+                    if not left_out:
+                        targets.append(await stack.enter_async_context(
+                            forwarder_target(kafka, workdir, name, flag)))
                 model = ember.placed.removeprefix("ember.model.")
                 progress(f"targets ready: {', '.join(t.name for t in targets)}")
                 watches = {}
