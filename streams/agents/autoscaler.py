@@ -137,11 +137,10 @@ class TickLoop:
     def __init__(self, every_s: float, min_gap_s: float = WOKEN_MIN_GAP_S) -> None:
         self.every_s = every_s
         self.min_gap_s = min_gap_s
-        self.woken = 0
         self._wake = asyncio.Event()
 
     def wake(self, model: str) -> None:
-        self.woken += 1
+        """Placement's `on_empty_pool`: every model this process owns ticks."""
         self._wake.set()
 
     async def run(self, tick: Callable[[], Awaitable[None]]) -> None:

@@ -182,13 +182,13 @@ class EmberPolicy:
         hit_rate, hit_before = hit_rates(state.warm, state.cold, now, window)
         queue_rising = obs.pending_total > state.last_pending
         falling = hit_rate is not None and (hit_before is None or hit_rate < hit_before)
-        warm_pool = bool(outstanding.serving(obs))
+        serving = outstanding.serving(obs)
         expand = (
             hit_rate is not None
             and hit_rate < self.hit_rate_target
             and falling
             and queue_rising
-            and warm_pool
+            and bool(serving)
         )
 
         # 5. Floor and ceiling; the pool is ready + booting + unseen launches: 2 + 1 + 0 = 3.
@@ -207,7 +207,7 @@ class EmberPolicy:
                 "in_flight": obs.in_flight,
                 "hit_rate": hit_rate,
                 "hit_rate_before": hit_before,
-                "ready": len(outstanding.serving(obs)),
+                "ready": len(serving),
                 "booting": len(obs.booting),
                 "unseen_launches": outstanding.unseen_launches,
                 "cold_start_s": None if state.cold_start_ms is None else state.cold_start_ms / 1000,

@@ -15,12 +15,13 @@ Choosing a worker. Only `ready` workers with a partition and room take requests 
 booting and dead ones never do). Room is the worker's slots minus the requests on it: ours
 not yet finished, together with those its latest heartbeat lists. Among those with room
 placement *packs*: a worker already running a batch and less than `pack_below` full (half,
-by default) is preferred, least loaded first; only when every running batch is that full does
-an idle worker get work. Continuous batching makes another sequence in a running batch
-nearly free, while an idle worker left idle can be released by the autoscaler's keep-alive:
-packing saves worker-seconds, and the cap keeps batches small enough that decode steps stay
-fast. `pack_below=0` is plain least-loaded (spreading). Ties go to the worker ready longest,
-then the smaller id, so placement is deterministic.
+by default) is preferred; only when every running batch is that full does an idle worker get
+work. Continuous batching makes another sequence in a running batch nearly free, while an
+idle worker left idle can be released by the autoscaler's keep-alive: packing saves
+worker-seconds, and the cap keeps batches small enough that decode steps stay fast.
+`pack_below=0` puts every worker with room in one tier (spreading). Within a tier workers
+take turns (below); ties go to the least loaded, the worker ready longest, then the smaller
+id, so placement is deterministic.
 
 Sharing among candidates (stride scheduling, as weighted fair queueing does it). Within a
 tier each candidate is weighed by its room, with a newly ready worker's room scaled by how long
