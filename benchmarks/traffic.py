@@ -420,8 +420,8 @@ async def run_one(
     prefix = f"stack-{stack.run_id}-"
     workers = TopicTail(
         kafka, LIFECYCLE,
-        lambda v, h: (e if (e := decode(LifecycleEvent, v, h)).worker_id.startswith(prefix)
-                      and e.kind == "state" else None),
+        lambda r: (e if (e := decode(LifecycleEvent, r.value, r.headers)).worker_id.startswith(
+            prefix) and e.kind == "state" else None),
     )
     await workers.start()
     learning: list[Outcome] = []
@@ -766,7 +766,8 @@ async def main(args: argparse.Namespace) -> int:
     await client.start()
     replies = TopicTail(
         kafka, client.reply_topic,
-        lambda v, h: (c if (c := decode(TokenChunk, v, h)).finish_reason is not None else None),
+        lambda r: (c if (c := decode(TokenChunk, r.value, r.headers)).finish_reason is not None
+                   else None),
     )
     await replies.start()
     try:

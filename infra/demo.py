@@ -112,8 +112,8 @@ def decision_log(kafka: KafkaSettings, model: str) -> TopicTail:
     """Every scale decision for `model` appended to ember.decisions after start(), in
     `items`."""
 
-    def keep(value: bytes, headers: Any) -> ScaleDecision | None:
-        decision = decode(ScaleDecision, value, headers)
+    def keep(record: Any) -> ScaleDecision | None:
+        decision = decode(ScaleDecision, record.value, record.headers)
         return decision if decision.model == model else None
 
     return TopicTail(kafka, DECISIONS, keep)

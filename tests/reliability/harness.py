@@ -30,6 +30,7 @@ from typing import Any
 
 from aiokafka.errors import KafkaError
 
+from infra.tail import TopicTail
 from schemas.client import (
     ClientClosed,
     EmberClient,
@@ -456,50 +457,16 @@ async def wait_idle_tables(web: str, model: str, timeout_s: float) -> float:
 # --- reading topics ----------------------------------------------------------------------------
 
 
-@dataclass
-class Tail:
+class Tail(TopicTail):
     """Every record appended to some topics after `start()` (all partitions, from their
     end), kept as (topic, partition, offset, key, value) in arrival order."""
 
-    kafka: Any
-    topics: Sequence[str]
-    records: list[tuple[str, int, int, bytes | None, bytes | None]] = field(default_factory=list)
-    _consumer: Any = None
-    _task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-
-        self._consumer = AIOKafkaConsumer(
-            **self.kafka.aiokafka_kwargs(), enable_auto_commit=False,
-            max_partition_fetch_bytes=4 << 20,
+    def __init__(self, kafka: Any, topics: Sequence[str]) -> None:
+        super().__init__(
+            kafka, topics, lambda r: (r.topic, r.partition, r.offset, r.key, r.value),
+            max_records=5000, max_partition_fetch_bytes=4 << 20,
         )
-        await self._consumer.start()
-        from aiokafka import AIOKafkaProducer
 
-        producer = AIOKafkaProducer(**self.kafka.aiokafka_kwargs())
-        await producer.start()
-        try:  # the producer asks for each topic's metadata (a new topic may take a moment)
-            tps = [TopicPartition(topic, p) for topic in self.topics
-                   for p in sorted(await asyncio.wait_for(producer.partitions_for(topic), 30))]
-        finally:
-            await producer.stop()
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_end(*tps)
-        for tp in tps:
-            await self._consumer.position(tp)
-        self._task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        while True:
-            batches = await self._consumer.getmany(timeout_ms=200, max_records=5000)
-            for records in batches.values():
-                self.records += [(r.topic, r.partition, r.offset, r.key, r.value)
-                                 for r in records]
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._consumer is not None:
-            await self._consumer.stop()
+    @property
+    def records(self) -> list[tuple[str, int, int, bytes | None, bytes | None]]:
+        return self.items

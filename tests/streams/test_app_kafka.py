@@ -26,10 +26,11 @@ from typing import Any
 import msgpack
 import pytest
 import pytest_asyncio
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from infra.settings import KafkaSettings
+from infra.tail import TopicTail
 from infra.topics import apply_topics
 from schemas import (
     AdmittedRequest,
@@ -116,40 +117,15 @@ class Seen:
     value: bytes | None
 
 
-class Tail:
-    """Every record appended to some topics after `start`, kept in a list."""
+class Tail(TopicTail):
+    """Every record appended to some topics after `start`, kept as a Seen in `items`."""
 
     def __init__(self, kafka: KafkaSettings, topics: Iterable[str]) -> None:
-        self.kafka, self.topics = kafka, list(topics)
-        self.records: list[Seen] = []
-        self._consumer: AIOKafkaConsumer | None = None
-        self._task: asyncio.Task[None] | None = None
+        super().__init__(kafka, list(topics), lambda r: Seen(r.topic, r.partition, r.key, r.value))
 
-    async def start(self, producer: AIOKafkaProducer) -> None:
-        self._consumer = AIOKafkaConsumer(**self.kafka.aiokafka_kwargs(), enable_auto_commit=False)
-        await self._consumer.start()
-        tps = [
-            TopicPartition(t, p) for t in self.topics for p in await producer.partitions_for(t)
-        ]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_end(*tps)
-        for tp in tps:
-            await self._consumer.position(tp)
-        self._task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self._consumer is not None
-        while True:
-            batches = await self._consumer.getmany(timeout_ms=200)
-            for records in batches.values():
-                self.records += [Seen(r.topic, r.partition, r.key, r.value) for r in records]
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._consumer is not None:
-            await self._consumer.stop()
+    @property
+    def records(self) -> list[Seen]:
+        return self.items
 
     def decoded(self, cls: type[Message], topic: str) -> list[tuple[Seen, Any]]:
         found = []
@@ -188,7 +164,7 @@ class Streams:
     @contextlib.asynccontextmanager
     async def tail(self, *topics: str) -> AsyncIterator[Tail]:
         tail = Tail(self.kafka, topics)
-        await tail.start(self.producer)
+        await tail.start()
         try:
             yield tail
         finally:
