@@ -298,9 +298,13 @@ def warm_page_cache(*roots: str | Path) -> int:
             files.add(root.resolve())
         elif root.is_dir():
             files.update(p.resolve() for p in root.rglob("*") if p.is_file())
-    buf = memoryview(bytearray(16 * MiB))
+    return read_through(sorted(files), memoryview(bytearray(16 * MiB)))
+
+
+def read_through(paths: list[Path], buf: memoryview) -> int:
+    """Read every file sequentially into `buf`, again and again; the bytes read."""
     total = 0
-    for p in sorted(files):
+    for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
             while n := os.readv(fd, [buf]):
@@ -313,14 +317,8 @@ def warm_page_cache(*roots: str | Path) -> int:
 def read_reused(paths: list[Path], block: int = 16 * MiB) -> float:
     """dd-like: sequential reads into one reused (already faulted-in) buffer. GB/s."""
     buf = memoryview(bytearray(block))
-    total, t0 = 0, time.perf_counter()
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            while n := os.readv(fd, [buf]):
-                total += n
-        finally:
-            os.close(fd)
+    t0 = time.perf_counter()
+    total = read_through(paths, buf)
     return total / (time.perf_counter() - t0) / GB
 
 

@@ -36,6 +36,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cold_start import read_reused  # noqa: E402  (dd-like read, GB/s)
+
 GB = 1e9
 MiB = 1 << 20
 
@@ -134,19 +136,6 @@ def write_checkpoint(out: Path, shape: str, device: str, dtype: str, clock: Cloc
 
 
 # ---- path limits -------------------------------------------------------------------------------
-
-
-def read_bandwidth(paths: list[Path], block: int = 16 * MiB) -> float:
-    buf = memoryview(bytearray(block))
-    total, t0 = 0, time.perf_counter()
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            while n := os.readv(fd, [buf]):
-                total += n
-        finally:
-            os.close(fd)
-    return total / (time.perf_counter() - t0) / GB
 
 
 def h2d_bandwidth(device: str, nbytes: int = 256 * MiB, repeats: int = 8) -> float | None:
@@ -316,9 +305,9 @@ def main() -> int:
     shards = [packed / s.file for s in packed_result.index.shards]
 
     clock.log("path limits")
-    read_bandwidth(shards)  # into the page cache (pack's verification dropped it)
+    read_reused(shards)  # into the page cache (pack's verification dropped it)
     result["limits"] = {
-        "page_cache_read_gbps": statistics.median(read_bandwidth(shards) for _ in range(2)),
+        "page_cache_read_gbps": statistics.median(read_reused(shards) for _ in range(2)),
         "pinned_h2d_gbps": h2d_bandwidth(device),
     }
 
@@ -351,7 +340,7 @@ def main() -> int:
             torch.cuda.empty_cache()
     if clock.left() > 60 and drop_page_cache():
         clock.log("packed artifact, page cache dropped")
-        result["limits"]["cold_read_gbps"] = read_bandwidth(shards[:2])
+        result["limits"]["cold_read_gbps"] = read_reused(shards[:2])
         drop_page_cache()
         cold = cold_start_here(packed, device, args.max_batch, args.max_seq_len)
         cold.pop("engine")

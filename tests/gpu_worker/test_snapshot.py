@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from gpu_worker.make_model import make_model
 from gpu_worker.pack import pack
 from gpu_worker.snapshot import (
     RUNTIME_FILE,
@@ -26,11 +25,6 @@ TEXTS = [
     "def f(x, y=3):\n    return x + y  # kafka",
     "",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_model("tiny", tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
