@@ -59,12 +59,10 @@ from schemas import (
     SchemaError,
     TokenChunk,
     dead_letter_for,
-    decode,
     decode_key,
-    parse_schema_header,
+    decode_model_record,
     record_for,
     reply_route,
-    unpack_map,
 )
 from schemas.limits import MAX_IN_FLIGHT
 from schemas.topics import LIFECYCLE, WORKERS, model_topic_name
@@ -107,23 +105,6 @@ def process_started_at_ms() -> int:
 def replay_seed(request_id: str) -> int:
     """A stable seed for a request that gave none: a re-delivery samples the same tokens."""
     return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") >> 1
-
-
-def decode_work(value: bytes | None, headers: Any) -> AdmittedRequest | Request | Cancel:
-    """A record of a model topic: an admitted request (placed by the control plane), a plain
-    request (producers that bypass admission) or a cancel of one of them. The `ember-schema`
-    header says which; without one, a map with a `request` field is an admitted request and
-    one with `cancelled_at` a cancel."""
-    schema = parse_schema_header(headers)
-    if schema is not None:
-        kinds = {"request": Request, "cancel": Cancel}
-        return decode(kinds.get(schema.name, AdmittedRequest), value, headers)
-    fields = unpack_map(value, "admitted_request")
-    if "request" in fields:
-        return decode(AdmittedRequest, value)
-    if "cancelled_at" in fields:
-        return decode(Cancel, value)
-    return decode(Request, value)
 
 
 def default_worker_id() -> str:
@@ -342,7 +323,7 @@ class Worker:
         offset = record.offset
         try:
             decode_key(record.key)
-            work = decode_work(record.value, record.headers)
+            work = decode_model_record(record.value, record.headers)
             if isinstance(work, Cancel):
                 self._cancel(work)
                 self._tracker.skipped(offset)

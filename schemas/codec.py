@@ -43,8 +43,11 @@ from schemas.messages import (
     NAME,
     REPLY_TOPIC,
     TIMESTAMP,
+    AdmittedRequest,
+    Cancel,
     DeadLetter,
     Message,
+    Request,
     parse_version,
 )
 from schemas.topics import REPLIES
@@ -195,6 +198,53 @@ def _check_header(cls: type[Message], ref: SchemaRef | None) -> None:
     if ref.major != schema.major:
         problem = f"says {ref}: this reader reads {schema.major}.x (up to {schema.version})"
         raise VersionError(schema.name, [FieldProblem(path, problem)])
+
+
+# --- what a record of a topic is (docs/PROTOCOL.md §5.3) ------------------------------------
+
+
+def decode_requests_record(value: bytes | None, headers: Headers | None) -> Request | Cancel:
+    """A record of `ember.requests`: a request or a cancel. The `ember-schema` header says
+    which; without one, a map with `cancelled_at` and no `submitted_at` is a cancel."""
+    schema = parse_schema_header(headers)
+    if schema is not None:
+        return decode(Cancel if schema.name == "cancel" else Request, value, headers)
+    fields = unpack_map(value, "request")
+    if "cancelled_at" in fields and "submitted_at" not in fields:
+        return decode(Cancel, value)
+    return decode(Request, value)
+
+
+def decode_admitted_record(
+    value: bytes | None, headers: Headers | None
+) -> AdmittedRequest | Cancel:
+    """A record of `ember.admitted`: an admitted request, or a cancel (by its header; without
+    one, a map with `cancelled_at` is a cancel)."""
+    schema = parse_schema_header(headers)
+    if schema is not None:
+        return decode(Cancel if schema.name == "cancel" else AdmittedRequest, value, headers)
+    if "cancelled_at" in unpack_map(value, "admitted_request"):
+        return decode(Cancel, value)
+    return decode(AdmittedRequest, value)
+
+
+def decode_model_record(
+    value: bytes | None, headers: Headers | None
+) -> AdmittedRequest | Request | Cancel:
+    """A record of a model topic: an admitted request (placed by the control plane), a plain
+    request (producers that bypass admission) or a cancel of one of them. The `ember-schema`
+    header says which; without one, a map with a `request` field is an admitted request and
+    one with `cancelled_at` a cancel."""
+    schema = parse_schema_header(headers)
+    if schema is not None:
+        kinds = {"request": Request, "cancel": Cancel}
+        return decode(kinds.get(schema.name, AdmittedRequest), value, headers)
+    fields = unpack_map(value, "admitted_request")
+    if "request" in fields:
+        return decode(AdmittedRequest, value)
+    if "cancelled_at" in fields:
+        return decode(Cancel, value)
+    return decode(Request, value)
 
 
 # --- producing ---------------------------------------------------------------------------

@@ -38,12 +38,10 @@ from schemas import (
     Cancel,
     Request,
     TokenChunk,
-    decode,
     decode_key,
+    decode_requests_record,
     headers_for,
     key_for,
-    parse_schema_header,
-    unpack_map,
 )
 from schemas.topics import ADMITTED
 from streams.agents.outbox import MEMO, Consumed, Out, count, now_ms, out, safely, send_all
@@ -100,7 +98,7 @@ class Admission:
         """One record of `ember.requests` (or the deferred topic) in, the records to send out
         (see the module docstring)."""
         decode_key(record.key)
-        message = decode_request_topic(record.value, record.headers)
+        message = decode_requests_record(record.value, record.headers)
         if isinstance(message, Cancel):
             return self._cancel(message, record, now)
         request = message
@@ -155,18 +153,6 @@ class Admission:
         for rid in [r for r, at in self._deferred.items() if at < horizon]:
             self._deferred.pop(rid, None)
             self._cancelled.pop(rid, None)
-
-
-def decode_request_topic(value: bytes | None, headers: Any) -> Request | Cancel:
-    """A record of `ember.requests`: a request or a cancel. The `ember-schema` header says
-    which; without one, a map with `cancelled_at` and no `submitted_at` is a cancel."""
-    schema = parse_schema_header(headers)
-    if schema is not None:
-        return decode(Cancel if schema.name == "cancel" else Request, value, headers)
-    fields = unpack_map(value, "request")
-    if "cancelled_at" in fields and "submitted_at" not in fields:
-        return decode(Cancel, value)
-    return decode(Request, value)
 
 
 def cancelled_chunk(request: Request, cancel: Cancel, now: int) -> TokenChunk:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Literal
 
 import faust
 
@@ -42,11 +42,10 @@ from schemas import (
     ScaleDecision,
     TokenChunk,
     decode,
+    decode_admitted_record,
     encode,
     headers_for,
     key_for,
-    parse_schema_header,
-    unpack_map,
 )
 from schemas.topics import LIFECYCLE, model_topic_name
 from streams.agents.outbox import MEMO, Consumed, Out, count, now_ms, out, safely, send_all
@@ -77,7 +76,7 @@ class Placer:
                 return []
             return self._apply(spec, lambda state: on_lifecycle(spec, state, event, now), now)
         remembered = MEMO.take(record.value)
-        message = remembered or decode_admitted_topic(record.value, record.headers)
+        message = remembered or decode_admitted_record(record.value, record.headers)
         if isinstance(message, Cancel):
             return self._cancel(message, bytes(record.value or b""), now)
         if not isinstance(message, AdmittedRequest):
@@ -188,17 +187,6 @@ class Placer:
 def has_pool(state: PlacementState) -> bool:
     """A worker of the model is ready or on its way (booting)."""
     return any(w.state == "ready" or w.state in BOOTING_STATES for w in state.workers.values())
-
-
-def decode_admitted_topic(value: bytes | None, headers: Any) -> AdmittedRequest | Cancel:
-    """A record of `ember.admitted`: an admitted request, or a cancel (by its header; without
-    one, a map with `cancelled_at` is a cancel)."""
-    schema = parse_schema_header(headers)
-    if schema is not None:
-        return decode(Cancel if schema.name == "cancel" else AdmittedRequest, value, headers)
-    if "cancelled_at" in unpack_map(value, "admitted_request"):
-        return decode(Cancel, value)
-    return decode(AdmittedRequest, value)
 
 
 @dataclass(frozen=True, slots=True)

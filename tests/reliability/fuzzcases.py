@@ -18,9 +18,16 @@ from typing import Any
 import msgpack
 from hypothesis import strategies as st
 
-from gpu_worker.worker import decode_work
-from schemas import Cancel, Request, SchemaError, decode, decode_key, parse_schema_header
-from schemas.codec import reply_route, unpack_map
+from schemas import (
+    Cancel,
+    Request,
+    SchemaError,
+    decode,
+    decode_key,
+    decode_model_record,
+    decode_requests_record,
+)
+from schemas.codec import reply_route
 from schemas.limits import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 from schemas.topics import REPLIES
 
@@ -93,24 +100,12 @@ def materialize(case: Case, request_id: str, now: int) -> Record:
 # --- the oracle --------------------------------------------------------------------------------
 
 
-def _decode_request_topic(value: bytes | None, headers: Any) -> Request | Cancel:
-    """What admission reads on ember.requests (§5.3): a cancel by its header, or, without
-    one, a map with cancelled_at and no submitted_at; else a request."""
-    schema = parse_schema_header(headers)
-    if schema is not None:
-        return decode(Cancel if schema.name == "cancel" else Request, value, headers)
-    fields = unpack_map(value, "request")
-    if "cancelled_at" in fields and "submitted_at" not in fields:
-        return decode(Cancel, value)
-    return decode(Request, value)
-
-
 def expect(target: str, record: Record, served: str, reply: str, nowhere: str) -> Expect:
     """`target` ADMISSION or WORKER; `served` the model the stack serves; `reply` the fuzz
     reply topic; `nowhere` a valid topic name that does not exist."""
     try:
         decode_key(record.key)
-        work = (_decode_request_topic if target == ADMISSION else decode_work)(
+        work = (decode_requests_record if target == ADMISSION else decode_model_record)(
             record.value, list(record.headers)
         )
     except SchemaError:

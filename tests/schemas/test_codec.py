@@ -20,9 +20,13 @@ from schemas import (
     TokenChunk,
     ValidationError,
     VersionError,
+    Cancel,
     dead_letter_for,
     decode,
+    decode_admitted_record,
     decode_key,
+    decode_model_record,
+    decode_requests_record,
     encode,
     encode_key,
     headers_for,
@@ -331,3 +335,43 @@ def test_an_invalid_admitted_request_is_answered_on_its_requests_reply_topic() -
 )
 def test_a_request_that_cannot_be_answered_has_no_route(data: bytes) -> None:
     assert reply_route(data) is None
+
+
+# --- what a record of a topic is (§5.3) -----------------------------------------------------
+
+
+def _topic_records() -> tuple[Request, AdmittedRequest, Cancel]:
+    req = request()
+    admitted = AdmittedRequest(request=req, latency_class="interactive", prompt_tokens=4,
+                               prompt_bucket=64, admitted_at=req.submitted_at + 1)
+    cancel = Cancel(request_id=req.request_id, model=req.model, cancelled_at=req.submitted_at)
+    return req, admitted, cancel
+
+
+@pytest.mark.parametrize("with_header", [True, False])
+def test_each_topic_tells_its_messages_apart_with_or_without_the_header(
+    with_header: bool,
+) -> None:
+    req, admitted, cancel = _topic_records()
+
+    def read(reader: object, msg: Request | AdmittedRequest | Cancel) -> object:
+        headers = headers_for(msg) if with_header else None
+        return reader(encode(msg), headers)  # type: ignore[operator]
+
+    assert read(decode_requests_record, req) == req
+    assert read(decode_requests_record, cancel) == cancel
+    assert read(decode_admitted_record, admitted) == admitted
+    assert read(decode_admitted_record, cancel) == cancel
+    assert read(decode_model_record, admitted) == admitted
+    assert read(decode_model_record, req) == req
+    assert read(decode_model_record, cancel) == cancel
+
+
+def test_a_record_that_is_neither_kind_of_its_topic_is_a_schema_error() -> None:
+    req, admitted, _ = _topic_records()
+    with pytest.raises(SchemaError):
+        decode_requests_record(pack(["not", "a", "map"]), None)
+    with pytest.raises(ValidationError):  # an admitted request where requests go: no prompt
+        decode_requests_record(encode(admitted), None)
+    with pytest.raises(SchemaError):  # its header names another schema than the map is
+        decode_admitted_record(encode(req), headers_for(req))
