@@ -54,9 +54,11 @@ def expected_greedy(model_dir: Path, prompt: str, max_tokens: int) -> str:
     return text
 
 
-async def _topics(kafka_settings, model: str, reply: str) -> None:
-    specs = [model_topic(model, partitions=2), TopicSpec(reply, 1)]
-    await apply_topics(kafka_settings, specs)
+async def _topics(kafka_settings) -> tuple[str, str]:
+    """A fresh model topic (2 partitions) and reply topic: (model, reply topic)."""
+    model, reply = f"tiny-{uuid.uuid4().hex[:8]}", f"test.replies.{uuid.uuid4().hex[:8]}"
+    await apply_topics(kafka_settings, [model_topic(model, partitions=2), TopicSpec(reply, 1)])
+    return model, reply
 
 
 def admitted(model: str, prompt: str, reply: str, max_tokens: int, **fields) -> AdmittedRequest:
@@ -163,6 +165,12 @@ async def read_all(kafka_settings, topic: str, cls, keep, idle_ms: int = 1000) -
         await consumer.stop()
 
 
+def _config(model: str, model_dir: Path, partition: int, **fields) -> WorkerConfig:
+    worker_id = f"w-{uuid.uuid4().hex[:6]}"
+    return WorkerConfig(model=model, model_dir=model_dir, partition=partition,
+                        worker_id=worker_id, **fields)
+
+
 async def _ready_worker(config: WorkerConfig, kafka_settings) -> tuple[Worker, asyncio.Task]:
     """A worker running in this event loop, once it is `ready` (up to 60 s)."""
     worker = Worker(config, kafka_settings)
@@ -176,12 +184,9 @@ async def _ready_worker(config: WorkerConfig, kafka_settings) -> tuple[Worker, a
 
 
 async def test_worker_streams_tokens_and_answers_every_record(kafka_settings, tiny_model):
-    model, reply = f"tiny-{uuid.uuid4().hex[:8]}", f"test.replies.{uuid.uuid4().hex[:8]}"
-    await _topics(kafka_settings, model, reply)
-    config = WorkerConfig(
-        model=model, model_dir=tiny_model, partition=1, worker_id=f"w-{uuid.uuid4().hex[:6]}",
-        max_batch=4, chunk=ChunkPolicy(max_tokens=4, max_delay_ms=20), heartbeat_interval_s=0.2,
-    )
+    model, reply = await _topics(kafka_settings)
+    config = _config(model, tiny_model, 1, max_batch=4, heartbeat_interval_s=0.2,
+                     chunk=ChunkPolicy(max_tokens=4, max_delay_ms=20))
     worker, task = await _ready_worker(config, kafka_settings)
 
     prompts = ["hello world", "the quick brown fox", "café crème", "a"]
@@ -248,12 +253,8 @@ async def test_worker_streams_tokens_and_answers_every_record(kafka_settings, ti
 async def test_a_finished_request_is_reported_early(kafka_settings, tiny_model):
     """Heartbeats every 30 s, but a finished request shows in a heartbeat's `done` within
     done_report_s (plus the time to produce it), not up to 30 s later."""
-    model, reply = f"tiny-{uuid.uuid4().hex[:8]}", f"test.replies.{uuid.uuid4().hex[:8]}"
-    await _topics(kafka_settings, model, reply)
-    config = WorkerConfig(
-        model=model, model_dir=tiny_model, partition=0, worker_id=f"w-{uuid.uuid4().hex[:6]}",
-        heartbeat_interval_s=30.0, done_report_s=0.1,
-    )
+    model, reply = await _topics(kafka_settings)
+    config = _config(model, tiny_model, 0, heartbeat_interval_s=30.0, done_report_s=0.1)
     worker, task = await _ready_worker(config, kafka_settings)
     try:
         msg = admitted(model, "hello", reply, max_tokens=3)
@@ -281,8 +282,7 @@ def _start_worker_process(model_dir: Path, model: str, worker_id: str) -> subpro
 
 
 async def test_a_killed_worker_leaves_its_request_to_the_next_one(kafka_settings, tiny_model):
-    model, reply = f"tiny-{uuid.uuid4().hex[:8]}", f"test.replies.{uuid.uuid4().hex[:8]}"
-    await _topics(kafka_settings, model, reply)
+    model, reply = await _topics(kafka_settings)
     long_request = admitted(model, "once upon a time", reply, max_tokens=1000)
     first = _start_worker_process(tiny_model, model, "killed-1")
     try:
@@ -313,12 +313,9 @@ async def test_a_second_copy_of_a_request_in_flight_is_not_answered(kafka_settin
     """A second copy (attempt 2) of a request this worker runs, read while the original
     runs: one stream, one terminal chunk, the full text. A record placed on another worker
     (an earlier worker of the partition; placement re-sends those) gets no answer here."""
-    model, reply = f"tiny-{uuid.uuid4().hex[:8]}", f"test.replies.{uuid.uuid4().hex[:8]}"
-    await _topics(kafka_settings, model, reply)
-    config = WorkerConfig(
-        model=model, model_dir=tiny_model, partition=0, worker_id=f"w-{uuid.uuid4().hex[:6]}",
-        max_batch=4, chunk=ChunkPolicy(max_tokens=4, max_delay_ms=20), heartbeat_interval_s=0.2,
-    )
+    model, reply = await _topics(kafka_settings)
+    config = _config(model, tiny_model, 0, max_batch=4, heartbeat_interval_s=0.2,
+                     chunk=ChunkPolicy(max_tokens=4, max_delay_ms=20))
     worker, task = await _ready_worker(config, kafka_settings)
     original = admitted(model, "once upon a time", reply, max_tokens=200)
     stale = admitted(model, "once upon a time", reply, max_tokens=8)
