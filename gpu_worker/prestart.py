@@ -7,7 +7,7 @@ any model is known, waiting for one assignment. The semi-warm tier between a col
 The channel is JSON lines, one object per line (no pickle):
 
     stdout  {"event": "idle", "pid": 4242, "device": "cpu", "cuda_context": false,
-             "boot_ms": 4810.3, "boot_nice": 10, "protocol": 1}  # usable: send an assignment
+             "boot_ms": 4810.3, "boot_policy": "idle", "protocol": 1}  # usable: assign it
     stdin   {"model": "tiny", "model_dir": "/models/tiny", "partition": 3,
              "worker_id": "node1-tiny-p3-7", "max_batch": 8}     # the other WorkerConfig
                                                                  # fields are optional
@@ -44,7 +44,6 @@ from infra.logs import configure_logging, get_logger
 log = get_logger(__name__)
 
 PROTOCOL_VERSION = 1
-BOOT_NICE = 10  # the imports run this much below normal priority (`preload`)
 MAX_ASSIGNMENT_BYTES = 64 * 1024
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -163,19 +162,20 @@ def parse_assignment(line: bytes | str, assigned_at_ms: int) -> WorkerConfig:
     return config_from_assignment(value, assigned_at_ms)
 
 
-def at_lower_priority(fun: Callable[[], None], nice: int) -> int:
-    """Run `fun` in a thread of its own whose nice value is `nice` above this thread's, and
-    wait for it; returns the increment applied (0 where it could not be: not Linux, whose
-    nice values are per thread, or refused). Exceptions of `fun` are raised here. Threads
-    `fun` starts inherit its priority."""
-    applied, failure = [0], []
+def at_idle_priority(fun: Callable[[], None]) -> str:
+    """Run `fun` in a thread of its own scheduled SCHED_IDLE, and wait for it: it runs on CPU
+    nobody else wants, and any normal thread that wakes up takes the core from it at once.
+    Returns the policy it ran under: "idle", or "normal" where that is not possible (not
+    Linux, whose scheduling attributes are per thread, or refused). Exceptions of `fun` are
+    raised here. Threads `fun` starts inherit the policy."""
+    policy, failure = ["normal"], []
 
     def run() -> None:
-        if nice > 0 and sys.platform.startswith("linux"):
-            tid = threading.get_native_id()
+        if sys.platform.startswith("linux") and hasattr(os, "SCHED_IDLE"):
             try:
-                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
-                applied[0] = nice
+                os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE,
+                                      os.sched_param(0))
+                policy[0] = "idle"
             except OSError as exc:
                 log.warning("could not lower the boot thread's priority", error=str(exc))
         try:
@@ -189,18 +189,18 @@ def at_lower_priority(fun: Callable[[], None], nice: int) -> int:
     thread.join()
     if failure:
         raise failure[0]
-    return applied[0]
+    return policy[0]
 
 
-def preload(device: str, boot_nice: int = 0) -> tuple[bool, str | None, int]:
+def preload(device: str, idle_boot: bool = True) -> tuple[bool, str | None, str]:
     """Import torch and the runtime; on CUDA create the context. Returns (cuda_context, why
-    not, nice applied) so a machine without CUDA still gets a usable (CPU-warm) process.
+    not, the imports' scheduling policy) so a machine without CUDA still gets a usable
+    (CPU-warm) process.
 
-    The imports (seconds of CPU) run `boot_nice` below normal priority (`at_lower_priority`):
+    With `idle_boot` the imports (seconds of CPU) run at idle priority (`at_idle_priority`):
     a pool refilled while workers serve takes the CPU they leave over instead of slowing their
-    steps (on 2 shared cores a refill's imports put ~40 ms on the TTFT of requests served
-    meanwhile). What serving uses later is started here, at this thread's priority: numpy's
-    BLAS threads (started by its import, so numpy is imported first), torch's thread pool (the
+    steps. What serving uses later is started here, at this thread's priority: numpy's BLAS
+    threads (started by its import, so numpy is imported first), torch's thread pool (the
     first op) and the CUDA context."""
     import numpy  # noqa: F401
 
@@ -211,20 +211,24 @@ def preload(device: str, boot_nice: int = 0) -> tuple[bool, str | None, int]:
 
         import_runtime()
 
-    applied = at_lower_priority(imports, boot_nice)
+    if idle_boot:
+        policy = at_idle_priority(imports)
+    else:
+        imports()
+        policy = "normal"
     import torch
 
     (torch.ones(4, 4) @ torch.ones(4, 4)).sum().item()  # first op: dispatcher, thread pool
     if not device.startswith("cuda"):
-        return False, None, applied
+        return False, None, policy
     if not torch.cuda.is_available():
-        return False, "torch.cuda.is_available() is false", applied
+        return False, "torch.cuda.is_available() is false", policy
     try:
         torch.zeros(1, device=device)  # creates the context on that device
         torch.cuda.synchronize(device)
     except (RuntimeError, AssertionError) as exc:
-        return False, f"{type(exc).__name__}: {exc}"[:300], applied
-    return True, None, applied
+        return False, f"{type(exc).__name__}: {exc}"[:300], policy
+    return True, None, policy
 
 
 def _announce(out: TextIO, event: str, **fields: Any) -> None:
@@ -277,9 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpu_worker.prestart", description=__doc__)
     parser.add_argument("--device", default="cpu", help="preload for this device (default: cpu)")
     parser.add_argument(
-        "--boot-nice", type=int, default=BOOT_NICE, metavar="N",
-        help=f"import the runtime N nice levels below normal priority (default: {BOOT_NICE}; "
-        "0: off)",
+        "--normal-boot", action="store_true",
+        help="import the runtime at normal priority (default: idle priority, on Linux)",
     )
     parser.add_argument("--log-level", default=os.environ.get("EMBER_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
@@ -288,12 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _exit_unassigned)
     kafka = KafkaSettings.from_env()  # a bad setting fails now, not after the assignment
 
-    cuda_context, why_not, boot_nice = preload(args.device, args.boot_nice)
+    cuda_context, why_not, boot_policy = preload(args.device, not args.normal_boot)
     boot_ms = time.time() * 1000 - process_started_at_ms()
     if why_not:
         log.warning("no CUDA context pre-created", device=args.device, reason=why_not)
     log.info("prestart idle", device=args.device, cuda_context=cuda_context, boot_ms=boot_ms,
-             boot_nice=boot_nice)
+             boot_policy=boot_policy)
     _announce(
         sys.stdout,
         "idle",
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         cuda_context=cuda_context,
         boot_ms=round(boot_ms, 1),
-        boot_nice=boot_nice,
+        boot_policy=boot_policy,
         protocol=PROTOCOL_VERSION,
     )
 

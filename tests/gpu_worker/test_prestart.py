@@ -20,7 +20,7 @@ from gpu_worker.delivery import ChunkPolicy
 from gpu_worker.prestart import (
     AssignmentError,
     assignment_for,
-    at_lower_priority,
+    at_idle_priority,
     config_from_assignment,
     parse_assignment,
     wait_for_assignment,
@@ -101,28 +101,26 @@ def test_the_channel_answers_each_line_and_stops_at_eof(tmp_path):
     assert wait_for_assignment(io.BytesIO(b""), io.StringIO()) is None
 
 
-def _thread_nice(tid: int, pid: int | str = "self") -> int:
-    """A thread's nice value, from /proc (field 19 of its stat line)."""
+def _thread_policy(tid: int, pid: int | str = "self") -> int:
+    """A thread's scheduling policy (0 normal, 5 idle), from /proc (field 41 of its stat)."""
     stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[16])
+    return int(stat.rsplit(")", 1)[1].split()[38])
 
 
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice")
+NORMAL, IDLE = 0, 5
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread policy")
 
 
 @linux_only
-def test_the_boot_runs_below_this_threads_priority_and_leaves_it_as_it_was():
+def test_the_boot_runs_at_idle_priority_and_leaves_the_caller_as_it_was():
     import threading
 
-    base = _thread_nice(threading.get_native_id())
     seen: list[int] = []
-    applied = at_lower_priority(lambda: seen.append(_thread_nice(threading.get_native_id())), 5)
-    if base + 5 > 19:
-        pytest.skip("this process runs at the lowest priority already")
-    assert applied == 5 and seen == [base + 5]
-    assert _thread_nice(threading.get_native_id()) == base
-    assert at_lower_priority(lambda: seen.append(_thread_nice(threading.get_native_id())), 0) == 0
-    assert seen[-1] == base
+    assert at_idle_priority(lambda: seen.append(_thread_policy(threading.get_native_id()))) == (
+        "idle"
+    )
+    assert seen == [IDLE]
+    assert _thread_policy(threading.get_native_id()) == NORMAL
 
 
 def test_the_boot_hands_its_failure_to_the_caller():
@@ -130,7 +128,7 @@ def test_the_boot_hands_its_failure_to_the_caller():
         raise ImportError("no torch here")
 
     with pytest.raises(ImportError, match="no torch here"):
-        at_lower_priority(broken, 5)
+        at_idle_priority(broken)
 
 
 # -- on the real broker ---------------------------------------------------------------------
@@ -188,12 +186,11 @@ async def test_a_prestarted_process_serves_with_a_shorter_process_span_than_a_fr
             idle = await _reply(proc, 120)
             assert idle["event"] == "idle" and idle["pid"] == proc.pid
             assert idle["cuda_context"] is False
-            if sys.platform.startswith("linux") and os.getpriority(os.PRIO_PROCESS, 0) <= 9:
-                # the imports ran 10 below; every thread left to serve runs at ours
-                assert idle["boot_nice"] == 10
+            if sys.platform.startswith("linux"):
+                # the imports ran at idle priority; every thread left to serve runs normal
+                assert idle["boot_policy"] == "idle"
                 tids = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task")]
-                mine = os.getpriority(os.PRIO_PROCESS, 0)
-                assert {_thread_nice(t, proc.pid) for t in tids} == {mine}
+                assert {_thread_policy(t, proc.pid) for t in tids} == {NORMAL}
 
         # Unassigned: a bad line is answered and the process stays usable; EOF and SIGTERM
         # end it cleanly.
