@@ -665,8 +665,8 @@ async def measure_latency(producer: AIOKafkaProducer, w: Watch, target: Target, 
 
 @contextlib.asynccontextmanager
 async def spying(py_spy: Path | None, target: Target, run_id: str) -> AsyncIterator[None]:
-    """py-spy record (raw, idle included) the target's process into PATH.<run>.txt meanwhile
-    (not the plain aiokafka floor)."""
+    """py-spy record (raw, idle included) the target's process into PATH.<target>.<run>.txt
+    meanwhile (not the plain aiokafka floor)."""
     if py_spy is None or target.name == "floor":
         yield
         return
