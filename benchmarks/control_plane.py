@@ -12,8 +12,9 @@ is the steadier figure):
   hops through one Python process cost here.
 - faust_floor: the same two hops as two Faust agents (`--faust-forward`: Ember's producer
   settings, EMBER_STREAMS_LINGER_MS included, and event loop, `stream.events()`,
-  `app.producer.send`, memory store, no tables, no work): what Faust itself costs per request before any of Ember's work, the ceiling for
-  any design of two agent hops in one Faust process (`--no-faust-floor` leaves it out).
+  `app.producer.send`, memory store, no tables, no work): what Faust itself costs per
+  request before any of Ember's work, the ceiling for any design of two agent hops in one
+  Faust process (`--no-faust-floor` leaves it out).
 
 Latency (unloaded): requests one at a time. For each, from handing it to the producer to this
 script's consumer having the placed record from the model topic: what going through the
@@ -381,8 +382,9 @@ async def serve_worker(kafka: KafkaSettings, model: str, worker_id: str, partiti
     model. Its partition of the model topic is *assigned* (no group membership; the same
     consumer settings as gpu_worker.worker); it announces itself on `ember.lifecycle` like a
     real worker (state events, then heartbeats listing what it runs and what it finished) and
-    "serves" each request for `service_ms`. Writes every record's intake time (time.time() when getmany returned
-    it), the record's CreateTime and offset to `out_path` (JSON) when SIGTERM stops it."""
+    "serves" each request for `service_ms`. Writes every record's intake time (time.time()
+    when getmany returned it), the record's CreateTime and offset to `out_path` (JSON) when
+    SIGTERM stops it."""
     started = time.time()
     topic = model_topic_name(model)
     tp = TopicPartition(topic, partition)
@@ -514,10 +516,10 @@ async def measure_intake(producer: AIOKafkaProducer, target: Target, workdir: Pa
                          rate: float, window_s: float, service_ms: float) -> Intake:
     """A serving worker (partition 0) takes a steady flow of `rate` requests/s through
     admission and placement; `baseline_s` later a second worker process is started on
-    partition 1 (it announces itself ready and gets placements: least-loaded placement with
-    slow start eases it in beside the serving worker); the flow goes on for `after_s`. Windows of the serving worker's
-    intake: the baseline (the same length as the add window, before the add), and around the
-    add (from the second process's start until the flow stops)."""
+    partition 1 (it announces itself ready and gets placements: placement by turns with slow
+    start eases it in beside the serving worker); the flow goes on for `after_s`. Windows of
+    the serving worker's intake: the baseline (the same length as the add window, before the
+    add), and around the add (from the second process's start until the flow stops)."""
     baseline_s = after_s = window_s
     assert target.intake_model is not None
     model = target.intake_model
@@ -663,6 +665,19 @@ async def measure_latency(producer: AIOKafkaProducer, w: Watch, target: Target, 
     return out
 
 
+def numbered_requests(model: str, run_id: str, count: int) -> tuple[list[str], list[bytes]]:
+    """`count` request ids starting with `run_id`, and their encoded requests."""
+    ids = [f"{run_id}{i:09d}" for i in range(count)]
+    return ids, [request_bytes(model, rid) for rid in ids]
+
+
+async def until_placed(w: Watch, ids: Sequence[str], timeout_s: float) -> None:
+    """Wait until every id is placed, or `timeout_s` passed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not all(rid in w.placed for rid in ids):
+        await asyncio.sleep(0.1)
+
+
 @contextlib.asynccontextmanager
 async def spying(py_spy: Path | None, target: Target, run_id: str) -> AsyncIterator[None]:
     """py-spy record (raw, idle included) the target's process into PATH.<target>.<run>.txt
@@ -701,17 +716,14 @@ class Throughput:
 
 async def measure_throughput(producer: AIOKafkaProducer, w: Watch, target: Target, model: str,
                              run_id: str, count: int, py_spy: Path | None = None) -> Throughput:
-    ids = [f"{run_id}{i:09d}" for i in range(count)]
-    values = [request_bytes(model, rid) for rid in ids]
+    ids, values = numbered_requests(model, run_id, count)
     async with spying(py_spy, target, run_id):
         cpu0 = cpu_seconds(target.proc.pid)
         start = time.time()
         for rid, value in zip(ids, values):
             await producer.send(target.requests, value, key=rid.encode())
         await producer.flush()
-        deadline = time.monotonic() + max(90.0, count / 100)
-        while time.monotonic() < deadline and sum(rid in w.placed for rid in ids) < count:
-            await asyncio.sleep(0.2)
+        await until_placed(w, ids, max(90.0, count / 100))
         cpu = cpu_seconds(target.proc.pid) - cpu0
     times = sorted(w.placed[rid].received for rid in ids if rid in w.placed)
     lo, hi = len(times) // 10, (len(times) * 9) // 10
@@ -762,8 +774,7 @@ async def measure_sustained(producer: AIOKafkaProducer, w: Watch, target: Target
     """Offer `rate` requests/s for `seconds` (open loop: sends are due on a clock, whatever
     the target does) and follow each request to its placed record."""
     count = round(rate * seconds)
-    ids = [f"{run_id}{i:09d}" for i in range(count)]
-    values = [request_bytes(model, rid) for rid in ids]
+    ids, values = numbered_requests(model, run_id, count)
     sent_at: list[float] = []
     async with spying(py_spy, target, run_id):
         cpu0 = cpu_seconds(target.proc.pid)
@@ -776,9 +787,7 @@ async def measure_sustained(producer: AIOKafkaProducer, w: Watch, target: Target
             await asyncio.sleep(SUSTAIN_TICK_S)
         window_end = time.time()
         cpu = cpu_seconds(target.proc.pid) - cpu0
-    deadline = time.monotonic() + SUSTAIN_GRACE_S
-    while time.monotonic() < deadline and sum(rid in w.placed for rid in ids) < count:
-        await asyncio.sleep(0.1)
+    await until_placed(w, ids, SUSTAIN_GRACE_S)
     latency, tail = [], []
     last = start
     for rid, sent in zip(ids, sent_at):
@@ -933,8 +942,8 @@ def intake_report(intake: Intake) -> list[str]:
         f"One serving worker (partition 0 of its model's topic) takes a steady {intake.rate:g} "
         f"requests/s through admission and placement (it holds each for "
         f"{intake.service_ms:g} ms; its heartbeats every {INTAKE_HEARTBEAT_S:g} s list what "
-        f"it runs and what it finished; placement by turns weighted by room with the default slow start, "
-        f"{INTAKE_SLOTS} slots). Then a "
+        f"it runs and what it finished; placement by turns weighted by room with the default "
+        f"slow start, {INTAKE_SLOTS} slots). Then a "
         "second worker process starts on partition 1, announces itself `ready` on "
         "`ember.lifecycle` and gets placements. Both are lightweight workers "
         "(`--serve-worker`: gpu_worker's assigned-partition intake and lifecycle events, no "
