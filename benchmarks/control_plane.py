@@ -326,12 +326,14 @@ async def forward(kafka: KafkaSettings, requests: str, admitted: str, placed: st
 def faust_forward(kafka: KafkaSettings, requests: str, admitted: str, placed: str,
                   datadir: Path) -> None:
     """The Faust floor (run as `--faust-forward`): the two hops as two Faust agents, with the
-    producer settings and event loop of streams.app, bytes copied, nothing decided."""
+    app class (streams.faust_app), producer settings and event loop of streams.app, bytes
+    copied, nothing decided."""
     import faust
 
     from streams.commands import _use_event_loop
+    from streams.faust_app import DEFAULT_FETCH_MAX_WAIT_MS, EmberApp
 
-    app = faust.App(
+    app = EmberApp(
         f"bench-faust-floor-{uuid.uuid4().hex[:8]}",
         broker=[f"kafka://{s.strip()}" for s in kafka.bootstrap_servers.split(",") if s],
         store="memory://",
@@ -345,6 +347,8 @@ def faust_forward(kafka: KafkaSettings, requests: str, admitted: str, placed: st
         producer_acks=-1,
         producer_max_batch_size=512 * 1024,
         producer_linger=float(os.environ.get("EMBER_STREAMS_LINGER_MS", "0")) / 1000,
+        fetch_max_wait_ms=int(os.environ.get("EMBER_STREAMS_FETCH_MAX_WAIT_MS",
+                                             DEFAULT_FETCH_MAX_WAIT_MS)),
         web_enabled=False,
     )
 

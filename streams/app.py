@@ -19,6 +19,7 @@ options into these variables before importing it.
 | EMBER_STREAMS_TICK_S          | 1.0              | placement / autoscaler timer interval        |
 | EMBER_STREAMS_REPLICATION     | 1                | replicas of the topics Faust creates         |
 | EMBER_STREAMS_LINGER_MS       | 0                | producer linger: batching vs. hop latency   |
+| EMBER_STREAMS_FETCH_MAX_WAIT_MS | 100            | longest fetch long poll (streams.faust_app)  |
 | EMBER_STREAMS_LOOP            | auto             | uvloop, asyncio; auto: uvloop if installed   |
 | EMBER_AUTOSCALER_POLICY       | ember_predictive | or fully_cold, always_on, knative_reactive   |
 | EMBER_AUTOSCALER_HOLD_EVERY_S | 30               | how often a repeated `hold` is published     |
@@ -67,6 +68,7 @@ from schemas.topics import (
     REQUESTS,
 )
 from streams.codec import MESSAGE_CODEC, register_codecs
+from streams.faust_app import DEFAULT_FETCH_MAX_WAIT_MS, EmberApp
 from streams.policy import (
     POLICIES,
     AdmissionSpec,
@@ -103,6 +105,7 @@ class StreamsSettings:
     policy_name: str = "ember_predictive"
     hold_every_s: float = 30.0
     linger_ms: float = 0.0
+    fetch_max_wait_ms: int = DEFAULT_FETCH_MAX_WAIT_MS
     models: tuple[str, ...] = ()
     config: Mapping[str, Any] = field(default_factory=dict)
 
@@ -115,6 +118,10 @@ class StreamsSettings:
             raise SettingsError(f"EMBER_STREAMS_TICK_S={self.tick_s}: must be > 0")
         if not 0 <= self.web_port <= 65535:
             raise SettingsError(f"EMBER_STREAMS_WEB_PORT={self.web_port}: not a port")
+        if self.fetch_max_wait_ms < 0:
+            raise SettingsError(
+                f"EMBER_STREAMS_FETCH_MAX_WAIT_MS={self.fetch_max_wait_ms}: must be >= 0"
+            )
         if self.policy_name not in POLICIES:
             raise SettingsError(
                 f"EMBER_AUTOSCALER_POLICY={self.policy_name!r}: expected one of "
@@ -147,6 +154,9 @@ class StreamsSettings:
                 ),
                 hold_every_s=float(env.get("EMBER_AUTOSCALER_HOLD_EVERY_S", cls.hold_every_s)),
                 linger_ms=float(env.get("EMBER_STREAMS_LINGER_MS", cls.linger_ms)),
+                fetch_max_wait_ms=int(
+                    env.get("EMBER_STREAMS_FETCH_MAX_WAIT_MS", cls.fetch_max_wait_ms)
+                ),
                 models=tuple(dict.fromkeys(m for m in models if m)),
                 config=config,
             )
@@ -270,18 +280,6 @@ def model_partition(model: str, partitions: int = CONTROL_PARTITIONS) -> int:
 
 # --- the app --------------------------------------------------------------------------------
 
-class EmberApp(faust.App):
-    """Faust's app without its Monitor sensor: per-event statistics (Faust's own /stats page)
-    that nothing of Ember reads, paid on every record in and out. Ember's counters are
-    streams.agents.outbox's, served on /metrics."""
-
-    def on_init_dependencies(self) -> Any:
-        dependencies = super().on_init_dependencies()  # adds the monitor to the sensors
-        if self.monitor in set(self.sensors):
-            self.sensors.remove(self.monitor)
-        return dependencies
-
-
 register_codecs()
 SETTINGS = StreamsSettings.from_env()
 
@@ -305,6 +303,7 @@ app = EmberApp(
     # dozen records per round trip. Placement packs a model's requests onto few partitions.
     producer_max_batch_size=512 * 1024,
     producer_linger=SETTINGS.linger_ms / 1000,
+    fetch_max_wait_ms=SETTINGS.fetch_max_wait_ms,
     web_enabled=SETTINGS.web_port > 0,
     web_bind=SETTINGS.web_host,
     web_host=SETTINGS.web_host,

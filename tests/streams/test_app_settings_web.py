@@ -13,6 +13,7 @@ import pytest
 
 from infra.settings import SettingsError
 from streams.app import StreamsSettings
+from streams.faust_app import DEFAULT_FETCH_MAX_WAIT_MS, EmberApp
 from streams.policy import AlwaysOnPolicy, EmberPolicy
 from streams.web import Metric, collect, escape_label, format_value, render
 
@@ -69,6 +70,7 @@ def test_the_json_file_names_models_and_overrides_policy_fields(tmp_path: Path) 
         (None, {"EMBER_AUTOSCALER_POLICY": "magic"}, "magic"),
         (None, {"EMBER_STREAMS_OFFSET_RESET": "middle"}, "middle"),
         (None, {"EMBER_STREAMS_WEB_PORT": "lots"}, "lots"),
+        (None, {"EMBER_STREAMS_FETCH_MAX_WAIT_MS": "-1"}, "FETCH_MAX_WAIT_MS"),
     ],
 )
 def test_mistakes_name_what_to_fix(
@@ -77,6 +79,22 @@ def test_mistakes_name_what_to_fix(
     with pytest.raises(SettingsError, match=says):
         s = settings(tmp_path, config, **env)
         s.model_specs()
+
+
+async def test_the_consumer_faust_builds_waits_at_most_the_fetch_max_wait(
+    tmp_path: Path,
+) -> None:
+    assert settings(tmp_path).fetch_max_wait_ms == DEFAULT_FETCH_MAX_WAIT_MS == 100
+    assert settings(tmp_path, EMBER_STREAMS_FETCH_MAX_WAIT_MS="25").fetch_max_wait_ms == 25
+    app = EmberApp("ember-test-fetch", broker="kafka://127.0.0.1:1", autodiscover=False,
+                   fetch_max_wait_ms=25)
+    consumer = app.consumer._thread._create_worker_consumer(app.transport)
+    try:
+        assert consumer._fetch_max_wait_ms == 25  # Faust's own consumer thread passes 1500
+        assert consumer._group_id == "ember-test-fetch"  # the rest is still Faust's
+    finally:
+        await consumer.stop()
+    assert app.monitor not in set(app.sensors)
 
 
 def test_sasl_over_tls_becomes_faust_sasl_credentials(tmp_path: Path) -> None:
