@@ -15,6 +15,11 @@ is the steadier figure):
   `app.producer.send`, memory store, no tables, no work): what Faust itself costs per
   request before any of Ember's work, the ceiling for any design of two agent hops in one
   Faust process (`--no-faust-floor` leaves it out).
+- ember_baseline (only with `--ember-baseline KEY=VALUE`, repeatable): `ember streams` like
+  ember but for those environment variables, e.g. `EMBER_STREAMS_FETCH_MAX_WAIT_MS=1500`
+  (the streams consumer as Faust builds it, streams/faust_app.py). Both read `ember.requests`,
+  so they cannot run at once: after the rest, each sustained rate is offered to a fresh ember
+  and then to a fresh ember_baseline, back to back (`compare_baseline`).
 
 Latency (unloaded): requests one at a time. For each, from handing it to the producer to this
 script's consumer having the placed record from the model topic: what going through the
@@ -34,7 +39,8 @@ send), each followed to its placed record. A rate is kept up when every request 
 and the latency of the last quarter's requests stays bounded (p99 under 500 ms); over
 capacity the backlog, and the latency, grow for the whole window. Arrivals spread over time
 come in small fetches and leave in small produce requests: per request this costs more than
-draining a backlog does.
+draining a backlog does. The longest pause is the longest time between two placed records
+arriving here while requests were being sent: a target that stalls shows it there.
 
 Intake gap (ember only, `measure_intake`): two lightweight worker processes
 (`--serve-worker`: gpu_worker's assigned-partition consumer and lifecycle events, no model)
@@ -156,11 +162,12 @@ class Target:
 
 @contextlib.asynccontextmanager
 async def ember_target(
-    kafka: KafkaSettings, workdir: Path, profile: Path | None
+    kafka: KafkaSettings, workdir: Path, profile: Path | None, name: str = "ember",
+    env_extra: dict[str, str] | None = None,
 ) -> AsyncIterator[Target]:
     run = uuid.uuid4().hex[:8]
     group, model, intake = f"ember-bench-{run}", f"bench-{run}", f"intake-{run}"
-    config = workdir / "streams.json"
+    config = workdir / f"{name}.json"
     unbounded = {"interactive": 10**6, "batch": 10**6, "eval": 10**6}
     admission = {"queue_bounds": unbounded, "pressure_bound": 10**6, "context_tokens": 8192}
     config.write_text(json.dumps({
@@ -190,15 +197,16 @@ async def ember_target(
         "EMBER_STREAMS_STORE": "memory://",
         "EMBER_STREAMS_WEB_PORT": str(port),
         "EMBER_STREAMS_TICK_S": "0.5",
+        **(env_extra or {}),
     }
-    log = workdir / "streams.log"
+    log = workdir / f"{name}.log"
     profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, *profiler, "-m", "infra.cli", "--log-level", "WARNING", "streams"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
-    target = Target("ember", proc, REQUESTS, model_topic_name(model), ADMITTED, log, intake)
+    target = Target(name, proc, REQUESTS, model_topic_name(model), ADMITTED, log, intake)
     producer = AIOKafkaProducer(**kafka.aiokafka_kwargs(), linger_ms=0)
     await producer.start()
     beats: asyncio.Task[None] | None = None
@@ -753,6 +761,7 @@ class Sustained:
     tail_ms: list[float]  # the same, requests sent in the last quarter of the window
     cpu_s: float  # target process CPU seconds over the window
     load: float
+    longest_pause_ms: float  # longest time between two placed arrivals while sending
 
     @property
     def kept_up(self) -> bool:
@@ -804,7 +813,49 @@ async def measure_sustained(producer: AIOKafkaProducer, w: Watch, target: Target
             tail.append(latency[-1])
     placed_rate = len(latency) / (last - start) if last > start else 0.0
     return Sustained(target.name, rate, window_end - start, count, len(latency), placed_rate,
-                     latency, tail, cpu, load_average())
+                     latency, tail, cpu, load_average(),
+                     longest_pause(w, ids, start, window_end))
+
+
+def longest_pause(w: Watch, ids: Sequence[str], start: float, end: float) -> float:
+    """The longest time, in ms, between two placed records of `ids` arriving (the window's
+    start and end count as arrivals) while requests were being sent."""
+    times = sorted(t for t in (w.placed[rid].received for rid in ids if rid in w.placed)
+                   if start <= t <= end)
+    marks = [start, *times, end]
+    return max(b - a for a, b in zip(marks, marks[1:])) * 1000
+
+
+def sustained_line(s: Sustained) -> str:
+    tail = percentile(s.tail_ms, 0.99) if s.tail_ms else float("nan")
+    return (f"{s.target} at {s.offered:g}/s offered: placed {s.placed}/{s.sent}, p50 "
+            f"{percentile(s.latency_ms, 0.5) if s.latency_ms else float('nan'):.1f} ms, tail "
+            f"p99 {tail:.1f} ms, longest pause {s.longest_pause_ms:.0f} ms: "
+            f"{'kept up' if s.kept_up else 'fell behind'}")
+
+
+async def compare_baseline(args: argparse.Namespace, kafka: KafkaSettings, workdir: Path,
+                           producer: AIOKafkaProducer) -> list[Sustained]:
+    """Each sustained rate offered to a fresh ember (`ember_ab`) and then to a fresh ember
+    with `--ember-baseline`'s environment (`ember_baseline`), back to back: both read
+    `ember.requests`, so only one runs at a time."""
+    env = dict(kv.split("=", 1) for kv in args.ember_baseline)
+    out = []
+    for rate in args.sustain_rates:
+        for name, extra in (("ember_ab", {}), ("ember_baseline", env)):
+            async with contextlib.AsyncExitStack() as stack:
+                t = await stack.enter_async_context(
+                    ember_target(kafka, workdir, None, name, extra))
+                model = t.placed.removeprefix("ember.model.")
+                run_id = f"b{uuid.uuid4().hex[:6]}-"
+                w = await stack.enter_async_context(watching(kafka, producer, t, run_id))
+                await measure_latency(producer, w, t, model, run_id + "w", 50, 0.01)
+                await asyncio.sleep(2.0)
+                s = await measure_sustained(producer, w, t, model, f"{run_id}s{rate:g}-", rate,
+                                            args.sustain_s)
+            progress(sustained_line(s))
+            out.append(s)
+    return out
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -885,6 +936,7 @@ def report(args: argparse.Namespace, lat: dict[str, Latency], thr: list[Throughp
         "with no work and no tables.",
         "",
     ]
+
     if sus:
         lines += sustained_report(args, sus)
     if intake is not None:
@@ -907,15 +959,22 @@ def sustained_report(args: argparse.Namespace, sus: list[Sustained]) -> list[str
         "generator, the broker and the target share this machine's cores.",
         "",
         "| target | offered/s | placed | placed/s | latency p50 ms | p95 | p99 | last quarter "
-        "p99 | process CPU s | placed per CPU s | kept up | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "p99 | longest pause ms | process CPU s | placed per CPU s | kept up | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in sus:
         lines.append(
             f"| {s.target} | {s.offered:g} | {s.placed}/{s.sent} | {s.placed_rate:.0f} | "
             f"{cell(s.latency_ms, 0.5)} | {cell(s.latency_ms, 0.95)} | "
-            f"{cell(s.latency_ms, 0.99)} | {cell(s.tail_ms, 0.99)} | {s.cpu_s:.1f} | "
+            f"{cell(s.latency_ms, 0.99)} | {cell(s.tail_ms, 0.99)} | "
+            f"{s.longest_pause_ms:.0f} | {s.cpu_s:.1f} | "
             f"{s.per_cpu_s:.0f} | {'yes' if s.kept_up else '**no**'} | {s.load:.1f} |"
+        )
+    if args.ember_baseline:
+        lines.append(
+            f"\nember_ab and ember_baseline: after the rest, each rate offered to a fresh ember "
+            f"and then to a fresh ember with {' '.join(args.ember_baseline)}, back to back "
+            "(both read `ember.requests`, so never at once)."
         )
     for name in dict.fromkeys(s.target for s in sus):
         kept = [s.offered for s in sus if s.target == name and s.kept_up]
@@ -1047,10 +1106,11 @@ async def main(args: argparse.Namespace) -> str:
                                                     args.py_spy)
                         sus.append(s)
                         loads.append(s.load)
-                        progress(f"{t.name} at {rate:g}/s offered: placed {s.placed}/{s.sent}, "
-                                 f"p50 {percentile(s.latency_ms, 0.5):.1f} ms, tail p99 "
-                                 f"{percentile(s.tail_ms, 0.99) if s.tail_ms else float('nan'):.1f}"
-                                 f" ms: {'kept up' if s.kept_up else 'fell behind'}")
+                        progress(sustained_line(s))
+            if args.ember_baseline:
+                for s in await compare_baseline(args, kafka, workdir, producer):
+                    sus.append(s)
+                    loads.append(s.load)
         finally:
             await producer.stop()
     return report(args, lat, thr, sus, loads, intake)
@@ -1067,6 +1127,8 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="offered loads (requests/s) of the sustained-load part ('' skips it)")
     parser.add_argument("--sustain-s", type=float, default=20.0, help="seconds per offered load")
     parser.add_argument("--no-floor", action="store_true", help="leave the aiokafka floor out")
+    parser.add_argument("--ember-baseline", action="append", metavar="KEY=VALUE",
+                        help="also measure an ember target with this environment variable set")
     parser.add_argument("--no-faust-floor", action="store_true",
                         help="leave the Faust floor out")
     parser.add_argument("--out", type=Path, default=RESULTS / "control_plane.md")
