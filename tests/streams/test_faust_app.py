@@ -1,0 +1,79 @@
+"""streams.faust_app: the consumer Faust builds for Ember (no broker needed)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiokafka import TopicPartition
+from faust.types import TP
+
+from streams.faust_app import EmberApp
+
+
+def app(**options: Any) -> EmberApp:
+    return EmberApp("ember-test-faust-app", broker="kafka://127.0.0.1:1", autodiscover=False,
+                    **options)
+
+
+async def test_the_consumer_waits_at_most_the_fetch_max_wait() -> None:
+    ember = app(fetch_max_wait_ms=25)
+    consumer = ember.consumer._thread._create_worker_consumer(ember.transport)
+    try:
+        assert consumer._fetch_max_wait_ms == 25  # Faust's own consumer thread passes 1500
+        assert consumer._group_id == "ember-test-faust-app"  # the rest is still Faust's
+    finally:
+        await consumer.stop()
+    assert ember.monitor not in set(ember.sensors)
+
+
+class FakeAiokafka:
+    """What the pause mirroring uses of an AIOKafkaConsumer, recording the calls and the
+    thread (loop) they were made on."""
+
+    def __init__(self, assigned: set[TopicPartition]) -> None:
+        self.assigned = assigned
+        self.calls: list[tuple[str, set[TopicPartition], asyncio.AbstractEventLoop]] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    def pause(self, *tps: TopicPartition) -> None:
+        assert all(isinstance(tp, TopicPartition) for tp in tps)
+        self.calls.append(("pause", set(tps), asyncio.get_running_loop()))
+
+    def resume(self, *tps: TopicPartition) -> None:
+        assert all(isinstance(tp, TopicPartition) for tp in tps)
+        self.calls.append(("resume", set(tps), asyncio.get_running_loop()))
+
+
+async def test_faust_pauses_are_made_in_aiokafka_on_the_consumer_thread() -> None:
+    ember = app()
+    consumer = ember.consumer
+    changelog = [TP("ember-x-placement-changelog", p) for p in range(2)]
+    fake = FakeAiokafka({TopicPartition(tp.topic, tp.partition) for tp in changelog})
+    loop = asyncio.get_running_loop()  # stands in for the consumer thread's loop
+    consumer._thread._consumer = fake
+    consumer._thread.thread_loop = loop
+    not_assigned = TP("ember.requests", 3)
+
+    consumer.pause_partitions([*changelog, not_assigned])
+    assert set(changelog) <= consumer._paused_partitions  # Faust's own bookkeeping as before
+    assert fake.calls == []  # not yet: it runs on the consumer's loop
+    await asyncio.sleep(0)
+    assert fake.calls == [("pause", fake.assigned, loop)]  # only what aiokafka has assigned
+
+    consumer.resume_partitions(changelog[:1])
+    await asyncio.sleep(0)
+    assert fake.calls[-1] == ("resume", {TopicPartition("ember-x-placement-changelog", 0)}, loop)
+    assert changelog[0] not in consumer._paused_partitions
+
+    consumer.pause_partitions([not_assigned])  # nothing of it assigned: no call at all
+    await asyncio.sleep(0)
+    assert len(fake.calls) == 2
+
+
+def test_before_the_consumer_starts_pauses_stay_faust_bookkeeping() -> None:
+    consumer = app().consumer
+    consumer.pause_partitions([TP("t", 0)])  # no aiokafka consumer, no thread loop yet
+    assert TP("t", 0) in consumer._paused_partitions
