@@ -78,7 +78,10 @@ class _Consumer(faust_aiokafka.Consumer):
             if assigned:
                 getattr(consumer, action)(*assigned)
 
-        loop.call_soon_threadsafe(apply)
+        try:
+            loop.call_soon_threadsafe(apply)
+        except RuntimeError:  # the consumer's loop closed meanwhile (shutting down)
+            pass
 
 
 class _Transport(faust_aiokafka.Transport):
