@@ -936,7 +936,6 @@ def report(args: argparse.Namespace, lat: dict[str, Latency], thr: list[Throughp
         "with no work and no tables.",
         "",
     ]
-
     if sus:
         lines += sustained_report(args, sus)
     if intake is not None:
