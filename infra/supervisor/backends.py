@@ -269,9 +269,10 @@ class PrestartPool:
     `maintain` spawns its replacement `refill_delay_s` later, so the replacement's imports
     (CPU-bound, seconds) do not compete with the taken one while it loads its model: on 2
     shared cores a tiny model's assignment-to-ready went from 0.2 s to 2.2 s with an immediate
-    refill. The replacement imports the runtime at idle priority (`gpu_worker.prestart.preload`)
-    so it does not slow the steps of serving workers either. A process that dies before it is idle is replaced after a back-off (1 s, doubling
-    to 60 s) so a broken environment does not spin."""
+    refill. The replacement imports the runtime at idle priority
+    (`gpu_worker.prestart.preload`), so it does not slow the steps of serving workers either.
+    A process that dies before it is idle is replaced after a back-off (1 s, doubling to 60 s)
+    so a broken environment does not spin."""
 
     def __init__(
         self,
