@@ -87,6 +87,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from infra.broker import BrokerSettings  # noqa: E402
 from infra.settings import KafkaSettings  # noqa: E402
 from infra.topics import apply_topics  # noqa: E402
 from schemas import LifecycleEvent, Request, encode, record_for  # noqa: E402
@@ -140,6 +141,42 @@ def cpu_seconds(pid: int) -> float:
 
 def load_average() -> float:
     return os.getloadavg()[0]
+
+
+# --- CPU pinning (--pin) ----------------------------------------------------------------------
+
+# The CPU the measured process runs on, when pinned; None: every process shares every CPU.
+TARGET_CPU: int | None = None
+
+
+def pin(broker_pid: int | None) -> tuple[int, set[int]]:
+    """Give the measured processes one CPU of their own: the last CPU this script may use
+    goes to each target started from now on; this script (its load generator and readers,
+    the intake-gap workers it starts) and the broker's threads get the others. Returns
+    (the target's CPU, the rest). Linux only (sched_setaffinity)."""
+    global TARGET_CPU
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        raise SystemExit(f"--pin needs at least 2 CPUs; this process may use {sorted(cpus)}")
+    TARGET_CPU = max(cpus)
+    rest = cpus - {TARGET_CPU}
+    os.sched_setaffinity(0, rest)
+    if broker_pid is not None:
+        set_affinity(broker_pid, rest)
+    return TARGET_CPU, rest
+
+
+def set_affinity(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` onto `cpus` (sched_setaffinity moves one thread)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def on_target_cpu() -> None:
+    """preexec_fn of a target process: runs it, and the threads it starts, on TARGET_CPU."""
+    if TARGET_CPU is not None:
+        os.sched_setaffinity(0, {TARGET_CPU})
 
 
 # --- targets ----------------------------------------------------------------------------------
@@ -204,7 +241,7 @@ async def ember_target(
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, *profiler, "-m", "infra.cli", "--log-level", "WARNING", "streams"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=on_target_cpu,
         )
     target = Target(name, proc, REQUESTS, model_topic_name(model), ADMITTED, log, intake)
     producer = AIOKafkaProducer(**kafka.aiokafka_kwargs(), linger_ms=0)
@@ -239,6 +276,7 @@ async def forwarder_target(kafka: KafkaSettings, workdir: Path, name: str,
             [sys.executable, __file__, flag, requests, admitted, placed],
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
             env={**os.environ, "EMBER_HOME": str(workdir / f"{name}-home")},
+            preexec_fn=on_target_cpu,
         )
     target = Target(name, proc, requests, placed, None, log)
     try:
@@ -861,6 +899,13 @@ async def compare_baseline(args: argparse.Namespace, kafka: KafkaSettings, workd
 # --- report -----------------------------------------------------------------------------------
 
 
+def cpu_note(args: argparse.Namespace) -> str:
+    if not args.pin:
+        return "shared"
+    return (f"each measured process pinned to CPU {TARGET_CPU}, the broker, the load generator "
+            "and everything else on the others")
+
+
 def report(args: argparse.Namespace, lat: dict[str, Latency], thr: list[Throughput],
            sus: list[Sustained], loads: list[float], intake: Intake | None) -> str:
     def row(name: str, values: list[float]) -> str:
@@ -880,7 +925,7 @@ def report(args: argparse.Namespace, lat: dict[str, Latency], thr: list[Throughp
         "# Control plane: admission + placement latency and throughput",
         "",
         f"Run {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {platform.node()} "
-        f"({os.cpu_count()} cores, shared; 1-minute load average during the run "
+        f"({os.cpu_count()} cores, {cpu_note(args)}; 1-minute load average during the run "
         f"{min(loads):.1f}-{max(loads):.1f}; Python {platform.python_version()}); local Kafka "
         f"broker on loopback; one `ember streams` process (memory store) with {WORKERS} fake "
         "ready workers; `floor` is a plain aiokafka forwarder doing the same two hops with no "
@@ -1041,11 +1086,36 @@ def intake_report(intake: Intake) -> list[str]:
 
 async def main(args: argparse.Namespace) -> str:
     kafka = KafkaSettings.from_env()
+    loads = [load_average()]
+    broker_pid = local_broker_pid()
+    broker_cpus = os.sched_getaffinity(broker_pid) if broker_pid is not None else set()
+    if args.pin:
+        cpu, rest = pin(broker_pid)
+        progress(f"targets on CPU {cpu}; this script"
+                 f"{'' if broker_pid is None else ' and the broker'} on {sorted(rest)}")
+    try:
+        return await measure_all(args, kafka, loads)
+    finally:
+        if args.pin and broker_pid is not None:
+            with contextlib.suppress(OSError):
+                set_affinity(broker_pid, broker_cpus)
+
+
+def local_broker_pid() -> int | None:
+    """The pid of the broker `ember broker start` runs, if it runs (None for another one)."""
+    try:
+        pid = int(BrokerSettings.from_env().pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if Path(f"/proc/{pid}").exists() else None
+
+
+async def measure_all(args: argparse.Namespace, kafka: KafkaSettings,
+                      loads: list[float]) -> str:
     lat: dict[str, Latency] = {}
     thr: list[Throughput] = []
     sus: list[Sustained] = []
     intake: Intake | None = None
-    loads = [load_average()]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -1138,6 +1208,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "from PyPI)")
     parser.add_argument("--workdir", type=Path, help="keep the streams config and logs here")
     parser.add_argument("--no-intake", action="store_true", help="skip the intake-gap part")
+    parser.add_argument("--pin", action="store_true",
+                        help="run each measured process on a CPU of its own, this script and "
+                        "the local broker on the others (Linux)")
     parser.add_argument("--intake-rate", type=float, default=100.0, help="requests/s")
     parser.add_argument("--intake-window-s", type=float, default=8.0,
                         help="baseline window, then the window around adding a worker")
