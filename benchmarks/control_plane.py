@@ -49,7 +49,12 @@ started and gets placements. The serving worker's per-record intake times give t
 between consecutive intakes, without and around the add, side by side, split into what
 placement's spacing of its sends explains and what it does not (records left untaken).
 
-    .venv/bin/python benchmarks/control_plane.py                      # ~8-10 min
+CPUs (`--pin`): each measured process runs on a CPU of its own, this script (the load
+generator, the readers, the intake-gap workers) and the local broker's threads on the others.
+Without it every process shares every CPU, and on a small machine a target's figures say as
+much about the broker and the load generator beside it as about the target.
+
+    .venv/bin/python benchmarks/control_plane.py --pin                # ~12 min
     .venv/bin/python benchmarks/control_plane.py --requests 2000 --latency-requests 100 --runs 1
 
 Writes benchmarks/results/control_plane.md (and prints it). The machine's load average is
@@ -999,8 +1004,10 @@ def sustained_report(args: argparse.Namespace, sus: list[Sustained]) -> list[str
         f"{SUSTAIN_TICK_S * 1000:g} ms), whatever the target does; each followed from its send "
         "to its placed record read here. *Kept up*: every request placed and the p99 latency of "
         f"those sent in the last quarter of the window under {SUSTAIN_TAIL_P99_MS:g} ms (over "
-        "capacity the backlog and the latency grow for as long as the window lasts). The load "
-        "generator, the broker and the target share this machine's cores.",
+        "capacity the backlog and the latency grow for as long as the window lasts). "
+        + ("The target on a CPU of its own; the load generator and the broker on the others."
+           if args.pin else "The load generator, the broker and the target share this "
+           "machine's cores."),
         "",
         "| target | offered/s | placed | placed/s | latency p50 ms | p95 | p99 | last quarter "
         "p99 | longest pause ms | process CPU s | placed per CPU s | kept up | load avg |",
@@ -1166,7 +1173,7 @@ async def measure_all(args: argparse.Namespace, kafka: KafkaSettings,
                                  f"{result.overall_rate:.0f} placed/s")
                 for rate in args.sustain_rates:
                     for t in targets:
-                        if t.name == "floor":
+                        if t.name == "floor" and not args.sustain_floor:
                             continue  # far above any rate offered here
                         w, run_id = watches[t.name]
                         await asyncio.sleep(2.0)
@@ -1196,6 +1203,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="offered loads (requests/s) of the sustained-load part ('' skips it)")
     parser.add_argument("--sustain-s", type=float, default=20.0, help="seconds per offered load")
     parser.add_argument("--no-floor", action="store_true", help="leave the aiokafka floor out")
+    parser.add_argument("--sustain-floor", action="store_true",
+                        help="offer the sustained rates to the aiokafka floor too: what the load "
+                        "generator and the broker keep up with")
     parser.add_argument("--ember-baseline", action="append", metavar="KEY=VALUE",
                         help="also measure an ember target with this environment variable set")
     parser.add_argument("--no-faust-floor", action="store_true",
