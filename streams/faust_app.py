@@ -21,7 +21,9 @@
    resumes those partitions in aiokafka too.
 3. The Monitor sensor: per-event statistics (Faust's own /stats page) that nothing of Ember
    reads, paid on every record in and out. Ember's counters are streams.agents.outbox's,
-   served on /metrics.
+   served on /metrics. Without it no sensor returns state at a rebalance, which Faust logged
+   as two "Missing sensor state for rebalance" warnings per rebalance; Ember's app keeps a
+   marker state instead.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
 DEFAULT_FETCH_MAX_WAIT_MS = 100
+# The rebalance "sensor state" when no sensor has any: Faust warns when that state is empty.
+_NO_SENSORS: dict[Any, Any] = {"no sensors": None}
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -103,6 +107,11 @@ class EmberApp(faust.App):
 
     def _new_transport(self) -> Any:
         return _Transport(self.conf.broker_consumer, self)
+
+    def on_rebalance_start(self) -> None:
+        super().on_rebalance_start()
+        if not self._rebalancing_sensor_state:  # no sensor keeps any (the Monitor is gone)
+            self._rebalancing_sensor_state = _NO_SENSORS
 
     def on_init_dependencies(self) -> Any:
         dependencies = super().on_init_dependencies()  # adds the monitor to the sensors

@@ -77,3 +77,15 @@ def test_before_the_consumer_starts_pauses_stay_faust_bookkeeping() -> None:
     consumer = app().consumer
     consumer.pause_partitions([TP("t", 0)])  # no aiokafka consumer, no thread loop yet
     assert TP("t", 0) in consumer._paused_partitions
+
+
+def test_a_rebalance_without_the_monitor_logs_no_missing_sensor_state(caplog: Any) -> None:
+    """Without the Monitor no sensor returns rebalance state, and Faust warned "Missing sensor
+    state for rebalance" twice per rebalance (every start of a streams process)."""
+    ember = app()
+    with caplog.at_level("WARNING"):
+        ember.on_rebalance_start()
+        ember.on_rebalance_return()
+        ember.on_rebalance_end()
+    assert not [r for r in caplog.records if "Missing sensor state" in r.getMessage()]
+    assert ember.rebalancing is False and ember._rebalancing_sensor_state is None
