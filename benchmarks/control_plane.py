@@ -1094,7 +1094,7 @@ def intake_report(intake: Intake) -> list[str]:
 async def main(args: argparse.Namespace) -> str:
     kafka = KafkaSettings.from_env()
     loads = [load_average()]
-    broker_pid = local_broker_pid()
+    broker_pid = local_broker_pid() if args.pin else None
     broker_cpus = os.sched_getaffinity(broker_pid) if broker_pid is not None else set()
     if args.pin:
         cpu, rest = pin(broker_pid)
@@ -1103,7 +1103,7 @@ async def main(args: argparse.Namespace) -> str:
     try:
         return await measure_all(args, kafka, loads)
     finally:
-        if args.pin and broker_pid is not None:
+        if broker_pid is not None:
             with contextlib.suppress(OSError):
                 set_affinity(broker_pid, broker_cpus)
 
