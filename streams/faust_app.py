@@ -1,4 +1,4 @@
-"""The Faust app class Ember runs: Faust's, with three costs of its defaults taken out.
+"""The Faust app class Ember runs: Faust's, with four of its defaults' costs taken out.
 
 1. Fetch long polls. Faust creates its Kafka consumer with `fetch_max_wait_ms=1500` and no
    setting to change it. aiokafka keeps one fetch in flight per broker, and leaves out of it
@@ -19,7 +19,14 @@
    partition and process, each time a table partition is first written (the first cold
    start after a streams process starts lost 70-90 ms to it). Ember's consumer pauses and
    resumes those partitions in aiokafka too.
-3. The Monitor sensor: per-event statistics (Faust's own /stats page) that nothing of Ember
+3. Start offsets nobody committed. A partition this group never committed an offset for
+   starts at `consumer_auto_offset_reset` (latest), resolved anew at every assignment. A
+   partition that got no record while its process ran (little traffic, a fresh group) still
+   has no offset when the process restarts, and what was produced to it in between was then
+   skipped: requests lost (a reliability run lost two). At each assignment Ember's consumer
+   resolves such partitions once, seeks to that offset and commits it, so a restart resumes
+   there. Changelog partitions are left to Faust's recovery.
+4. The Monitor sensor: per-event statistics (Faust's own /stats page) that nothing of Ember
    reads, paid on every record in and out. Ember's counters are streams.agents.outbox's,
    served on /metrics. Without it no sensor returns state at a rebalance, which Faust logged
    as two "Missing sensor state for rebalance" warnings per rebalance; Ember's app keeps a
@@ -51,6 +58,40 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
             self.app, "fetch_max_wait_ms", DEFAULT_FETCH_MAX_WAIT_MS
         )
         return consumer
+
+    async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+        try:
+            await commit_start_offsets(
+                self._ensure_consumer(), assigned, self.app.conf.consumer_auto_offset_reset
+            )
+        except Exception as exc:  # a new rebalance meanwhile, the broker away: Faust goes on
+            self.log.warning("could not commit start offsets: %r", exc)
+        await super().on_partitions_assigned(assigned, generation_id)
+
+
+async def commit_start_offsets(
+    consumer: Any, assigned: Iterable[TP], reset: str
+) -> dict[TopicPartition, int]:
+    """For each assigned partition (changelogs aside) without a committed offset: the offset
+    `reset` (latest or earliest) gives it now, sought to and committed (module docstring,
+    3). Returns what it committed. Runs in the rebalance listener, before fetching starts."""
+    tps = [
+        TopicPartition(tp.topic, tp.partition)
+        for tp in assigned
+        if not tp.topic.endswith("-changelog")
+    ]
+    new = [tp for tp in tps if await consumer.committed(tp) is None]
+    if not new:
+        return {}
+    if reset == "earliest":
+        offsets = await consumer.beginning_offsets(new)
+    else:
+        offsets = await consumer.end_offsets(new)
+    start = {tp: int(offsets[tp]) for tp in new}
+    for tp, offset in start.items():
+        consumer.seek(tp, offset)
+    await consumer.commit(start)
+    return start
 
 
 class _Consumer(faust_aiokafka.Consumer):
@@ -93,9 +134,10 @@ class _Transport(faust_aiokafka.Transport):
 
 
 class EmberApp(faust.App):
-    """`faust.App` with the consumer's fetch wait bounded, its pauses made in aiokafka too, and
-    without the Monitor sensor (see the module docstring). Takes Faust's options plus
-    `fetch_max_wait_ms`. Kafka only (`kafka://` broker URLs)."""
+    """`faust.App` with the consumer's fetch wait bounded, its pauses made in aiokafka too, the
+    start offsets of its partitions committed, and without the Monitor sensor (see the module
+    docstring). Takes Faust's options plus `fetch_max_wait_ms`. Kafka only (`kafka://`
+    broker URLs)."""
 
     def __init__(
         self, *args: Any, fetch_max_wait_ms: int = DEFAULT_FETCH_MAX_WAIT_MS, **options: Any

@@ -8,7 +8,7 @@ from typing import Any
 from aiokafka import TopicPartition
 from faust.types import TP
 
-from streams.faust_app import EmberApp
+from streams.faust_app import EmberApp, commit_start_offsets
 
 
 def app(**options: Any) -> EmberApp:
@@ -89,3 +89,42 @@ def test_a_rebalance_without_the_monitor_logs_no_missing_sensor_state(caplog: An
         ember.on_rebalance_end()
     assert not [r for r in caplog.records if "Missing sensor state" in r.getMessage()]
     assert ember.rebalancing is False and ember._rebalancing_sensor_state is None
+
+
+class FakeGroupConsumer:
+    """What commit_start_offsets uses of an AIOKafkaConsumer: committed offsets, the log's
+    ends, seek and commit (recorded)."""
+
+    def __init__(self, committed: dict[TopicPartition, int]) -> None:
+        self._committed = committed
+        self.sought: dict[TopicPartition, int] = {}
+        self.commits: list[dict[TopicPartition, int]] = []
+
+    async def committed(self, tp: TopicPartition) -> int | None:
+        return self._committed.get(tp)
+
+    async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: 100 + tp.partition for tp in tps}
+
+    async def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: tp.partition for tp in tps}
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.sought[tp] = offset
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(dict(offsets))
+
+
+async def test_partitions_never_committed_start_where_reset_says_and_that_is_committed() -> None:
+    fake = FakeGroupConsumer({TopicPartition("ember.requests", 0): 7})
+    assigned = {TP("ember.requests", 0), TP("ember.requests", 1), TP("ember.admitted", 2),
+                TP("g-placement-changelog", 1)}
+    start = await commit_start_offsets(fake, assigned, "latest")
+    expected = {TopicPartition("ember.requests", 1): 101, TopicPartition("ember.admitted", 2): 102}
+    assert start == fake.sought == expected and fake.commits == [expected]
+    # earliest: the log's start; nothing new to commit: no commit at all
+    fake = FakeGroupConsumer({})
+    assert await commit_start_offsets(fake, {TP("t", 3)}, "earliest") == {TopicPartition("t", 3): 3}
+    fake = FakeGroupConsumer({TopicPartition("t", 3): 1})
+    assert await commit_start_offsets(fake, {TP("t", 3)}, "latest") == {} and fake.commits == []
