@@ -20,6 +20,7 @@ options into these variables before importing it.
 | EMBER_STREAMS_REPLICATION     | 1                | replicas of the topics Faust creates         |
 | EMBER_STREAMS_LINGER_MS       | 0                | producer linger: batching vs. hop latency   |
 | EMBER_STREAMS_FETCH_MAX_WAIT_MS | 100            | longest fetch long poll (streams.faust_app)  |
+| EMBER_STREAMS_SESSION_TIMEOUT_S | 10             | a dead process's partitions move after it    |
 | EMBER_STREAMS_LOOP            | auto             | uvloop, asyncio; auto: uvloop if installed   |
 | EMBER_AUTOSCALER_POLICY       | ember_predictive | or fully_cold, always_on, knative_reactive   |
 | EMBER_AUTOSCALER_HOLD_EVERY_S | 30               | how often a repeated `hold` is published     |
@@ -80,6 +81,7 @@ from streams.policy import (
 )
 
 OFFSET_RESETS = ("latest", "earliest")
+MIN_SESSION_TIMEOUT_S = 6.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class StreamsSettings:
     hold_every_s: float = 30.0
     linger_ms: float = 0.0
     fetch_max_wait_ms: int = DEFAULT_FETCH_MAX_WAIT_MS
+    session_timeout_s: float = 10.0
     models: tuple[str, ...] = ()
     config: Mapping[str, Any] = field(default_factory=dict)
 
@@ -121,6 +124,11 @@ class StreamsSettings:
         if self.fetch_max_wait_ms < 0:
             raise SettingsError(
                 f"EMBER_STREAMS_FETCH_MAX_WAIT_MS={self.fetch_max_wait_ms}: must be >= 0"
+            )
+        if self.session_timeout_s < MIN_SESSION_TIMEOUT_S:
+            raise SettingsError(
+                f"EMBER_STREAMS_SESSION_TIMEOUT_S={self.session_timeout_s:g}: must be >= "
+                f"{MIN_SESSION_TIMEOUT_S:g} (the broker's default group.min.session.timeout.ms)"
             )
         if self.policy_name not in POLICIES:
             raise SettingsError(
@@ -156,6 +164,9 @@ class StreamsSettings:
                 linger_ms=float(env.get("EMBER_STREAMS_LINGER_MS", cls.linger_ms)),
                 fetch_max_wait_ms=int(
                     env.get("EMBER_STREAMS_FETCH_MAX_WAIT_MS", cls.fetch_max_wait_ms)
+                ),
+                session_timeout_s=float(
+                    env.get("EMBER_STREAMS_SESSION_TIMEOUT_S", cls.session_timeout_s)
                 ),
                 models=tuple(dict.fromkeys(m for m in models if m)),
                 config=config,
@@ -304,6 +315,11 @@ app = EmberApp(
     producer_max_batch_size=512 * 1024,
     producer_linger=SETTINGS.linger_ms / 1000,
     fetch_max_wait_ms=SETTINGS.fetch_max_wait_ms,
+    # A process that dies without leaving the group (SIGKILL, a lost machine) keeps its
+    # partitions, and their requests wait, until its session times out: Faust's default is
+    # 60 s. Heartbeats come from the consumer's own thread, a third of the session apart.
+    broker_session_timeout=SETTINGS.session_timeout_s,
+    broker_heartbeat_interval=SETTINGS.session_timeout_s / 3,
     web_enabled=SETTINGS.web_port > 0,
     web_bind=SETTINGS.web_host,
     web_host=SETTINGS.web_host,

@@ -71,6 +71,7 @@ def test_the_json_file_names_models_and_overrides_policy_fields(tmp_path: Path) 
         (None, {"EMBER_STREAMS_OFFSET_RESET": "middle"}, "middle"),
         (None, {"EMBER_STREAMS_WEB_PORT": "lots"}, "lots"),
         (None, {"EMBER_STREAMS_FETCH_MAX_WAIT_MS": "-1"}, "FETCH_MAX_WAIT_MS"),
+        (None, {"EMBER_STREAMS_SESSION_TIMEOUT_S": "2"}, "SESSION_TIMEOUT_S=2: must be >= 6"),
     ],
 )
 def test_mistakes_name_what_to_fix(
@@ -84,6 +85,23 @@ def test_mistakes_name_what_to_fix(
 def test_the_fetch_max_wait_defaults_to_100_ms(tmp_path: Path) -> None:
     assert settings(tmp_path).fetch_max_wait_ms == DEFAULT_FETCH_MAX_WAIT_MS == 100
     assert settings(tmp_path, EMBER_STREAMS_FETCH_MAX_WAIT_MS="25").fetch_max_wait_ms == 25
+
+
+def test_the_group_session_times_out_in_10_s(tmp_path: Path) -> None:
+    assert settings(tmp_path).session_timeout_s == 10.0
+    assert settings(tmp_path, EMBER_STREAMS_SESSION_TIMEOUT_S="30").session_timeout_s == 30.0
+
+
+async def test_the_apps_consumer_gets_the_session_timeout_and_a_heartbeat_a_third_of_it() -> None:
+    from streams.app import SETTINGS, app
+
+    consumer = app.consumer._thread._create_worker_consumer(app.transport)
+    try:
+        # Faust's own default is a 60 s session: a killed process's partitions waited that long
+        assert consumer._session_timeout_ms == SETTINGS.session_timeout_s * 1000 == 10_000
+        assert consumer._heartbeat_interval_ms == round(10_000 / 3)
+    finally:
+        await consumer.stop()
 
 
 def test_sasl_over_tls_becomes_faust_sasl_credentials(tmp_path: Path) -> None:
