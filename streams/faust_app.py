@@ -80,7 +80,9 @@ async def commit_start_offsets(
         for tp in assigned
         if not tp.topic.endswith("-changelog")
     ]
-    new = [tp for tp in tps if await consumer.committed(tp) is None]
+    # One OffsetFetch for them all: AIOKafkaConsumer.committed() asks partition by partition.
+    found = await consumer._coordinator.fetch_committed_offsets(tps) if tps else {}
+    new = [tp for tp in tps if tp not in found or found[tp].offset < 0]
     if not new:
         return {}
     if reset == "earliest":

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from aiokafka import TopicPartition
+from aiokafka.structs import OffsetAndMetadata
 from faust.types import TP
 
 from streams.faust_app import EmberApp, commit_start_offsets
@@ -97,11 +98,16 @@ class FakeGroupConsumer:
 
     def __init__(self, committed: dict[TopicPartition, int]) -> None:
         self._committed = committed
+        self._coordinator = self  # aiokafka's group coordinator answers the offset fetch
+        self.fetches: list[list[TopicPartition]] = []
         self.sought: dict[TopicPartition, int] = {}
         self.commits: list[dict[TopicPartition, int]] = []
 
-    async def committed(self, tp: TopicPartition) -> int | None:
-        return self._committed.get(tp)
+    async def fetch_committed_offsets(
+        self, tps: list[TopicPartition]
+    ) -> dict[TopicPartition, OffsetAndMetadata]:
+        self.fetches.append(list(tps))  # the broker answers -1 for "none"
+        return {tp: OffsetAndMetadata(self._committed.get(tp, -1), "") for tp in tps}
 
     async def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: 100 + tp.partition for tp in tps}
@@ -123,6 +129,7 @@ async def test_partitions_never_committed_start_where_reset_says_and_that_is_com
     start = await commit_start_offsets(fake, assigned, "latest")
     expected = {TopicPartition("ember.requests", 1): 101, TopicPartition("ember.admitted", 2): 102}
     assert start == fake.sought == expected and fake.commits == [expected]
+    assert len(fake.fetches) == 1 and len(fake.fetches[0]) == 3  # one request, no changelog
     # earliest: the log's start; nothing new to commit: no commit at all
     fake = FakeGroupConsumer({})
     assert await commit_start_offsets(fake, {TP("t", 3)}, "earliest") == {TopicPartition("t", 3): 3}
