@@ -25,8 +25,10 @@ Each tick (the agent calls it every second or two) the policy:
 
 Up is immediate: a missing worker costs a cold start per request. Down is slow, against
 flapping: the pool shrinks only to the highest target of the last `stabilization_s` (so it
-never releases within a stabilization window of a scale-up), and only workers idle for the
-spec's `keep_alive_s` are released, idle longest first.
+never releases within a stabilization window of a scale-up) or to what a peak the profile
+sees in a coming hour asks for, until that hour has started (a pre-warmed worker waits for its
+traffic even when the lookahead shrinks meanwhile), and only workers idle for the spec's
+`keep_alive_s` are released, idle longest first.
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ class EmberState:
     profile: HourOfDayProfile
     counters: Counters | None = None
     last_pending: int = 0
-    recent_targets: tuple[tuple[int, int], ...] = ()  # (unix ms, target), oldest first
+    # (unix ms, target): each tick's target, and a peak's target from the start of its hour
+    recent_targets: tuple[tuple[int, int], ...] = ()
     outstanding: Outstanding = Outstanding()
     launches: tuple[int, ...] = ()  # unix ms of each worker asked for and not seen ready yet
     ready_ids: frozenset[str] = frozenset()  # workers seen ready at the last tick
@@ -167,7 +170,7 @@ class EmberPolicy:
         # starts of 400 s (a slow machine) would stretch the 10 min to 2 x 400 s.
         rate_trailing = state.arrivals.rate_per_s(now, window)
         lookahead = self.lookahead_ms(state)
-        rate_profile = state.profile.expected_rate_ahead(now, lookahead)
+        rate_profile, profile_from = state.profile.peak_ahead(now, lookahead)
         rate = max(rate_trailing, rate_profile or 0.0)
 
         # 3. Little's law: 3.0/s x 4 s service = 12 concurrent; observed now 10 in flight +
@@ -195,6 +198,13 @@ class EmberPolicy:
         target = spec.clamp(base + (1 if expand else 0))
         kept = tuple(x for x in state.recent_targets if now - x[0] < ms(self.stabilization_s))
         recent = (*kept, (now, target))
+        if rate_profile and profile_from > now:
+            # A peak the profile sees in a coming hour holds the pool sized for it until that
+            # hour starts (and a stabilization window more): the lookahead may shrink
+            # meanwhile (a faster measured cold start) and the peak fall out of it, and a
+            # pre-warmed worker must not be released just before the traffic it came for.
+            ahead = (profile_from, spec.clamp(spec.workers_for(rate_profile * service_s)))
+            recent = recent if ahead in kept else (*recent, ahead)
         active = outstanding.active(obs)
         inputs = rounded(
             {
@@ -287,10 +297,17 @@ class EmberPolicy:
         down_to = max(t for _, t in recent)
         inputs = inputs | {"down_to": down_to}
         if down_to >= active:
-            why = (
-                f"target {target} < {active} workers, but it was {down_to} within the last "
-                f"{self.stabilization_s:.0f} s: holding against flapping"
-            )
+            peak = max((at for at, t in recent if t == down_to), default=now)
+            if peak > now:
+                why = (
+                    f"target {target} < {active} workers, but the profile expects {down_to} "
+                    f"from the hour that starts in {(peak - now) / 1000:.0f} s: holding for it"
+                )
+            else:
+                why = (
+                    f"target {target} < {active} workers, but it was {down_to} within the "
+                    f"last {self.stabilization_s:.0f} s: holding against flapping"
+                )
             return [Decision.hold(why, inputs)], outstanding
         idle = idle_for_release(obs, outstanding, now, spec.keep_alive_s)
         chosen = idle[: active - down_to]

@@ -212,14 +212,22 @@ class HourOfDayProfile:
 
         now 08:52, lookahead 10 min -> max(rate(8), rate(9)): a 9 o'clock peak is seen
         8 minutes before it starts."""
+        return self.peak_ahead(now, lookahead_ms)[0]
+
+    def peak_ahead(self, now: int, lookahead_ms: int) -> tuple[float | None, int]:
+        """`expected_rate_ahead` and when the hour it comes from starts (unix ms; at or before
+        `now` when it is the current hour's, the earliest of equal rates).
+
+        now 08:52, lookahead 10 min, rate(9) > rate(8) -> (rate(9), 09:00)."""
         hour_ms = self.hour_ms
-        rates = [
-            self.expected_rate(hour_of_day(t, hour_ms))
-            for t in range(now, now + lookahead_ms + 1, hour_ms)
-        ]
-        rates.append(self.expected_rate(hour_of_day(now + lookahead_ms, hour_ms)))
-        known = [r for r in rates if r is not None]
-        return max(known) if known else None
+        times = [*range(now, now + lookahead_ms + 1, hour_ms), now + lookahead_ms]
+        best: float | None = None
+        starts = now
+        for t in times:
+            rate = self.expected_rate(hour_of_day(t, hour_ms))
+            if rate is not None and (best is None or rate > best):
+                best, starts = rate, t - t % hour_ms
+        return best, starts
 
     def to_dict(self) -> dict[str, Any]:
         return {

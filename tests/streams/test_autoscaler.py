@@ -134,23 +134,34 @@ def test_the_hour_of_day_profile_prewarms_before_a_predictable_peak():
     assert [t for t, _ in actions(ticks, "scale_up")] == [0]
 
 
+# A day compressed 900 times: 4 s hours, every time constant / 900 (lookahead 600 s -> 0.667
+# s, raised to 2 s); rates and service time stay real.
+HOUR = 4_000
+COMPRESSED = EmberPolicy(window_s=0.2, bucket_s=0.05, lookahead_s=2.0, stabilization_s=0.2,
+                         hour_s=4.0, profile_max_gap_s=1.0)
+
+
+def compressed_day(policy: EmberPolicy, quiet: float = 0.2) -> HourOfDayProfile:
+    """The day before T0 (hour 0 of a 4 s-hour day) in 0.25 s ticks: hour 9 at 5/s, the
+    others at `quiet`/s."""
+    profile = policy.initial_state().profile
+    for tick in range(24 * 16):
+        at = T0 - 24 * HOUR + tick * 250
+        profile = profile.add(at, (5.0 if (at // HOUR) % 24 == 9 else quiet) * 0.25)
+    return profile
+
+
 def test_a_compressed_day_prewarms_like_a_real_one():
     # The same morning with every time constant / 900: 4 s hours, lookahead 600 s -> 0.667 s.
     # Rates and service time are real: 5/s x 4 s = 20 concurrent -> 4 workers.
-    policy = EmberPolicy(window_s=0.2, bucket_s=0.05, lookahead_s=2.0, stabilization_s=0.2,
-                         hour_s=4.0, profile_max_gap_s=1.0)
-    hour = 4_000
-    profile = policy.initial_state().profile
-    for tick in range(24 * 16):  # the day before, 0.25 s ticks: hour 9 at 5/s, else 0.2/s
-        at = T0 - 24 * hour + tick * 250
-        profile = profile.add(at, (5.0 if (at // hour) % 24 == 9 else 0.2) * 0.25)
-    state = replace(policy.initial_state(), profile=profile)
+    policy = COMPRESSED
+    state = replace(policy.initial_state(), profile=compressed_day(policy))
     spec = replace(SPEC, keep_alive_s=0.3)
-    before_peak = T0 + 9 * hour - 1_000  # 08:45 in a 4 s hour: the peak is 2 s ahead
+    before_peak = T0 + 9 * HOUR - 1_000  # 08:45 in a 4 s hour: the peak is 2 s ahead
     _, decisions = policy.decide(spec, state, observation_at(before_peak), before_peak)
     assert decisions[0].action == "scale_up" and decisions[0].inputs["target"] == 4
     assert decisions[0].inputs["rate_profile_per_s"] == pytest.approx(5.0)
-    early = T0 + 8 * hour - 3_000  # 07:15: only quiet hours ahead
+    early = T0 + 8 * HOUR - 3_000  # 07:15: only quiet hours ahead
     _, decisions = policy.decide(spec, state, observation_at(early), early)
     assert decisions[0].inputs["target"] == 1
 
@@ -173,22 +184,36 @@ def test_the_policy_times_its_own_cold_starts():
 def test_a_slow_cold_start_stretches_the_prewarm_lead():
     """A compressed day whose lookahead (2 s) is shorter than this machine's cold start
     (3 s): the policy reads the profile 2 x 3 s ahead, so the peak 5 s away is prewarmed."""
-    policy = EmberPolicy(window_s=0.2, bucket_s=0.05, lookahead_s=2.0, stabilization_s=0.2,
-                         hour_s=4.0, profile_max_gap_s=1.0)
-    hour = 4_000
-    profile = policy.initial_state().profile
-    for tick in range(24 * 16):
-        at = T0 - 24 * hour + tick * 250
-        profile = profile.add(at, (5.0 if (at // hour) % 24 == 9 else 0.2) * 0.25)
+    policy = COMPRESSED
     spec = replace(SPEC, keep_alive_s=0.3)
-    five_ahead = T0 + 9 * hour - 5_000
-    unknown = replace(policy.initial_state(), profile=profile)
+    five_ahead = T0 + 9 * HOUR - 5_000
+    unknown = replace(policy.initial_state(), profile=compressed_day(policy))
     _, [d] = policy.decide(spec, unknown, observation_at(five_ahead), five_ahead)
     assert d.inputs["lookahead_s"] == 2.0 and d.inputs["target"] == 1
     measured = replace(unknown, cold_start_ms=3_000.0)
     _, [d] = policy.decide(spec, measured, observation_at(five_ahead), five_ahead)
     assert d.inputs["lookahead_s"] == 6.0 and d.inputs["target"] == 4
     assert d.inputs["rate_profile_per_s"] == pytest.approx(5.0)
+
+
+def test_a_prewarmed_pool_waits_for_its_peak_when_the_lookahead_shrinks():
+    """The diurnal benchmark's morning: the peak is read 2 measured cold starts ahead (3 s ->
+    6 s) and prewarmed 5 s before it; the workers are ready in 0.25 s, the smoothed cold start
+    falls (2.2 s) and the peak leaves the lookahead before it starts. The pool stays for it
+    (it used to be released and asked for again, twice, before the traffic came)."""
+    policy = COMPRESSED
+    state = replace(policy.initial_state(), profile=compressed_day(policy, quiet=0.0),
+                    cold_start_ms=3_000.0)
+    spec = replace(SPEC, keep_alive_s=0.3)
+    fleet = FakeFleet(model=spec.model, slots=spec.slots_per_worker, boot_s=0.1)
+    ticks, _, _ = run(policy, spec, steady(0, 0.0), 5.0, tick_s=0.25, state=state, fleet=fleet,
+                      start=T0 + 9 * HOUR - 5_000)
+    assert [(t, d.count) for t, d in actions(ticks, "scale_up")] == [(0.0, 4)]
+    assert actions(ticks, "release") == []
+    gone = [tk.decisions[0] for tk in ticks if 0.25 <= tk.t_s < 2.5]  # the peak out of sight
+    assert gone and all(d.inputs["lookahead_s"] < 5.0 and d.inputs["target"] == 0 for d in gone)
+    assert "the profile expects 4 from the hour that starts in" in gone[0].reason
+    assert len(ticks[-1].observation.ready) == 4  # 09:00: the traffic's hour, 4 workers ready
 
 
 def observation_at(now: int, ready: tuple[str, ...] = ()) -> Observation:

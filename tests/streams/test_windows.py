@@ -119,6 +119,9 @@ def test_expected_rate_ahead_looks_into_the_coming_hour():
     assert p.expected_rate_ahead(at_0830, 10 * 60_000) == pytest.approx(p.expected_rate(8))
     assert p.expected_rate_ahead(at_0852, 10 * 60_000) == pytest.approx(p.expected_rate(9))
     assert p.expected_rate(9) > 4 * p.expected_rate(8)
+    # ... and says when that hour starts: 09:00 ahead, or the current hour's start (08:00)
+    assert p.peak_ahead(at_0852, 10 * 60_000) == (p.expected_rate(9), T0 + HOUR_MS)
+    assert p.peak_ahead(at_0830, 10 * 60_000) == (p.expected_rate(8), T0)
 
 
 def test_profile_round_trip():
@@ -140,6 +143,8 @@ def test_a_compressed_day_has_hours_of_hour_ms():
     assert p.expected_rate(8) == 0.0
     assert p.expected_rate_ahead(T0 + 8 * hour + 3_000, 2_000) == pytest.approx(8.0)
     assert p.expected_rate_ahead(T0 + 8 * hour, 2_000) == 0.0
+    assert p.peak_ahead(T0 + 8 * hour + 3_000, 2_000) == (8.0, T0 + 9 * hour)
+    assert p.peak_ahead(T0 + 9 * hour + 3_000, 2_000) == (8.0, T0 + 9 * hour)
     assert HourOfDayProfile.from_dict(json.loads(json.dumps(p.to_dict()))) == p
 
 
