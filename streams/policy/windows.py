@@ -206,19 +206,14 @@ class HourOfDayProfile:
             return None
         return self.arrivals[hour % DAY_HOURS] / seen
 
-    def expected_rate_ahead(self, now: int, lookahead_ms: int) -> float | None:
-        """The highest expected rate of the hours from `now` to `now + lookahead_ms`: what the
-        pool should be ready for in the coming minutes.
-
-        now 08:52, lookahead 10 min -> max(rate(8), rate(9)): a 9 o'clock peak is seen
-        8 minutes before it starts."""
-        return self.peak_ahead(now, lookahead_ms)[0]
-
     def peak_ahead(self, now: int, lookahead_ms: int) -> tuple[float | None, int]:
-        """`expected_rate_ahead` and when the hour it comes from starts (unix ms; at or before
-        `now` when it is the current hour's, the earliest of equal rates).
+        """The highest expected rate of the hours from `now` to `now + lookahead_ms` (what the
+        pool should be ready for in the coming minutes; None before any hour is trusted), and
+        when the hour it comes from starts (unix ms; at or before `now` when it is the current
+        hour's, the earliest of equal rates).
 
-        now 08:52, lookahead 10 min, rate(9) > rate(8) -> (rate(9), 09:00)."""
+        now 08:52, lookahead 10 min, rate(9) > rate(8) -> (rate(9), 09:00): a 9 o'clock peak
+        is seen 8 minutes before it starts."""
         hour_ms = self.hour_ms
         times = [*range(now, now + lookahead_ms + 1, hour_ms), now + lookahead_ms]
         best: float | None = None

@@ -111,13 +111,13 @@ def test_old_days_fade():
     assert 1.0 < p.expected_rate(8) < 4.0  # the old 10/s weighs less and less
 
 
-def test_expected_rate_ahead_looks_into_the_coming_hour():
+def test_peak_ahead_looks_into_the_coming_hour():
     p = HourOfDayProfile(min_observed_s=0)
     p = feed(p, T0, 121, 6)  # hour 8: 0.1/s, hour 9: 0.1/s
     p = feed(p, T0 + 24 * HOUR_MS + HOUR_MS, 61, 600)  # hour 9 another day: busier
     at_0830, at_0852 = T0 + 30 * 60_000, T0 + 52 * 60_000
-    assert p.expected_rate_ahead(at_0830, 10 * 60_000) == pytest.approx(p.expected_rate(8))
-    assert p.expected_rate_ahead(at_0852, 10 * 60_000) == pytest.approx(p.expected_rate(9))
+    assert p.peak_ahead(at_0830, 10 * 60_000)[0] == pytest.approx(p.expected_rate(8))
+    assert p.peak_ahead(at_0852, 10 * 60_000)[0] == pytest.approx(p.expected_rate(9))
     assert p.expected_rate(9) > 4 * p.expected_rate(8)
     # ... and says when that hour starts: 09:00 ahead, or the current hour's start (08:00)
     assert p.peak_ahead(at_0852, 10 * 60_000) == (p.expected_rate(9), T0 + HOUR_MS)
@@ -141,8 +141,8 @@ def test_a_compressed_day_has_hours_of_hour_ms():
     assert p.observed_s[9] == pytest.approx(4.0)
     assert p.expected_rate(9) == pytest.approx(8.0)  # 32 arrivals over 4 s
     assert p.expected_rate(8) == 0.0
-    assert p.expected_rate_ahead(T0 + 8 * hour + 3_000, 2_000) == pytest.approx(8.0)
-    assert p.expected_rate_ahead(T0 + 8 * hour, 2_000) == 0.0
+    assert p.peak_ahead(T0 + 8 * hour + 3_000, 2_000)[0] == pytest.approx(8.0)
+    assert p.peak_ahead(T0 + 8 * hour, 2_000)[0] == 0.0
     assert p.peak_ahead(T0 + 8 * hour + 3_000, 2_000) == (8.0, T0 + 9 * hour)
     assert p.peak_ahead(T0 + 9 * hour + 3_000, 2_000) == (8.0, T0 + 9 * hour)
     assert HourOfDayProfile.from_dict(json.loads(json.dumps(p.to_dict()))) == p
