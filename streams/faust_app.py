@@ -31,16 +31,26 @@
    served on /metrics. Without it no sensor returns state at a rebalance, which Faust logged
    as two "Missing sensor state for rebalance" warnings per rebalance; Ember's app keeps a
    marker state instead.
+5. Four tasks per record. Faust's drain loop hands every fetched record to the conductor's
+   callback through `Service.wait_first(callback(message), suspend_flow.wait())`: per record
+   it creates four tasks (the callback, the flow, the consumer's stopped and crashed events),
+   waits on them and cancels three, so that a rebalance can abandon a callback stuck on a
+   full buffer. The callback almost never waits: it decodes the record and puts it in its
+   streams' queues. Ember's loop starts the callback at once (`start_eagerly`, what Python
+   3.12's eager tasks do) and pays for `wait_first` only when the callback does wait. The
+   control-plane benchmark drained a backlog 1.5x as fast per CPU second with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any, ClassVar
+import asyncio
+from collections.abc import Coroutine, Iterable
+from typing import Any, ClassVar, cast
 
 import aiokafka
 import faust
 from aiokafka import TopicPartition
+from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
@@ -96,9 +106,116 @@ async def commit_start_offsets(
     return start
 
 
+def start_eagerly(coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any] | None:
+    """Run `coro` up to its first wait, in the caller's task. None when it finished without
+    waiting (its result is dropped, its exception raised here); otherwise a task running the
+    rest (module docstring, 5). The rest drives `coro` as a task of its own would: cancelled,
+    it cancels the future `coro` waits on, and `coro` sees the CancelledError where it waits;
+    cancelled before its first step, `coro` is closed (GeneratorExit where it waits)."""
+    try:
+        waited = coro.send(None)
+    except StopIteration:
+        return None
+    rest = asyncio.ensure_future(_rest(coro, waited))
+    rest.add_done_callback(lambda _: coro.close())  # no-op once `coro` has finished
+    return rest
+
+
+async def _rest(coro: Coroutine[Any, Any, Any], waited: Any) -> Any:
+    while True:
+        exc: BaseException | None = None
+        try:
+            if waited is None:  # a bare yield (asyncio.sleep(0)): give the loop a turn
+                await asyncio.sleep(0)
+            elif asyncio.isfuture(waited):
+                # What a task does with the future a coroutine yields it: without this the
+                # future still reads as awaited, and awaiting it again raises.
+                waited._asyncio_future_blocking = False
+                await waited
+            else:
+                raise RuntimeError(f"a coroutine yielded {waited!r}, not a future")
+        except BaseException as raised:  # noqa: BLE001 - handed to `coro`, as a task would
+            exc = raised
+        try:
+            if exc is None or _outcome_of(waited, exc):
+                waited = coro.send(None)  # `coro` reads the future's outcome itself
+            else:
+                waited = coro.throw(exc)  # e.g. cancelled during a bare yield
+        except StopIteration as stop:
+            return stop.value
+
+
+def _outcome_of(waited: Any, exc: BaseException) -> bool:
+    """`exc` is the done future's own exception, or its cancellation."""
+    if not asyncio.isfuture(waited) or not waited.done():
+        return False
+    if waited.cancelled():
+        return isinstance(exc, asyncio.CancelledError)
+    return waited.exception() is exc
+
+
 class _Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - the broker's
+        """Faust's drain loop (faust.transport.consumer.Consumer._drain_messages), but for how
+        a record reaches the conductor: started eagerly, with `wait_first` only for a
+        callback that waits (module docstring, 5)."""
+        callback = self.callback
+        getmany = self.getmany
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        get_read_offset = self._read_offset.__getitem__
+        set_read_offset = self._read_offset.__setitem__
+        set_flag, unset_flag = self.diag.set_flag, self.diag.unset_flag
+        commit_every = self._commit_every
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        suspend_flow = self.suspend_flow
+        yield_every, num_since_yield = 100, 0
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                set_flag(CONSUMER_FETCHING)
+                records = getmany(timeout=1.0)
+                await self.sleep(0)
+                if not self.should_stop:
+                    async for tp, message in records:
+                        num_since_yield += 1
+                        if num_since_yield > yield_every:
+                            await asyncio.sleep(0)
+                            num_since_yield = 0
+                        offset = message.offset
+                        r_offset = get_read_offset(tp)
+                        if r_offset is None or offset >= r_offset:
+                            gap = offset - (r_offset or 0)
+                            if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                                await self._add_gap(tp, r_offset + 1, offset)
+                            if commit_every is not None and self._n_acked >= commit_every:
+                                self._n_acked = 0
+                                await self.commit()
+                            if suspend_flow.is_set():
+                                await self.wait_first(callback(message), suspend_flow.wait())
+                            else:
+                                rest = start_eagerly(cast(Any, callback(message)))
+                                if rest is not None:
+                                    await self.wait_first(rest, suspend_flow.wait())
+                            set_read_offset(tp, offset)
+                    unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                self.log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                self.log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            unset_flag(CONSUMER_FETCHING)
 
     def pause_partitions(self, tps: Iterable[TP]) -> None:
         tps = list(tps)
@@ -137,9 +254,9 @@ class _Transport(faust_aiokafka.Transport):
 
 class EmberApp(faust.App):
     """`faust.App` with the consumer's fetch wait bounded, its pauses made in aiokafka too, the
-    start offsets of its partitions committed, and without the Monitor sensor (see the module
-    docstring). Takes Faust's options plus `fetch_max_wait_ms`. Kafka only (`kafka://`
-    broker URLs)."""
+    start offsets of its partitions committed, without the Monitor sensor, and records handed
+    to the streams without four tasks each (see the module docstring). Takes Faust's options
+    plus `fetch_max_wait_ms`. Kafka only (`kafka://` broker URLs)."""
 
     def __init__(
         self, *args: Any, fetch_max_wait_ms: int = DEFAULT_FETCH_MAX_WAIT_MS, **options: Any

@@ -9,7 +9,9 @@ from aiokafka import TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 from faust.types import TP
 
-from streams.faust_app import EmberApp, commit_start_offsets
+import pytest
+
+from streams.faust_app import EmberApp, commit_start_offsets, start_eagerly
 
 
 def app(**options: Any) -> EmberApp:
@@ -135,3 +137,118 @@ async def test_partitions_never_committed_start_where_reset_says_and_that_is_com
     assert await commit_start_offsets(fake, {TP("t", 3)}, "earliest") == {TopicPartition("t", 3): 3}
     fake = FakeGroupConsumer({TopicPartition("t", 3): 1})
     assert await commit_start_offsets(fake, {TP("t", 3)}, "latest") == {} and fake.commits == []
+
+
+# --- records handed to the conductor's callback (module docstring, 5) ----------------------
+
+
+async def test_a_callback_that_never_waits_runs_to_its_end_in_the_caller() -> None:
+    seen: list[str] = []
+
+    async def put(item: str) -> None:
+        seen.append(item)
+
+    assert start_eagerly(put("a")) is None
+    assert seen == ["a"]  # done before any other task could run
+
+
+async def test_a_callback_that_fails_without_waiting_raises_at_once() -> None:
+    async def bad() -> None:
+        raise ValueError("undecodable")
+
+    with pytest.raises(ValueError, match="undecodable"):
+        start_eagerly(bad())
+
+
+async def test_a_callback_that_waits_finishes_in_its_rest_with_what_it_waited_for() -> None:
+    room: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    steps: list[object] = []
+
+    async def put() -> str:
+        steps.append("started")
+        steps.append(await room)
+        await asyncio.sleep(0)  # a bare yield on the way
+        steps.append("put")
+        return "done"
+
+    task = start_eagerly(put())
+    assert task is not None and steps == ["started"]
+    await asyncio.sleep(0)
+    assert not task.done()
+    room.set_result(7)
+    assert await task == "done"
+    assert steps == ["started", 7, "put"]
+
+
+async def test_a_waited_for_failure_reaches_the_callback() -> None:
+    room: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def put() -> str:
+        try:
+            await room
+        except KeyError:
+            return "handled"
+        return "not raised"
+
+    task = start_eagerly(put())
+    assert task is not None
+    room.set_exception(KeyError("gone"))
+    assert await task == "handled"
+
+
+async def test_cancelling_the_rest_cancels_what_the_callback_waits_on() -> None:
+    """What `wait_first` does to the rest when the flow is suspended: the callback sees the
+    cancellation where it waits, as it would in a task."""
+    room: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    cleaned: list[str] = []
+
+    async def put() -> None:
+        try:
+            await room
+        finally:
+            cleaned.append("cleanup")
+
+    task = start_eagerly(put())
+    assert task is not None
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert room.cancelled()
+    assert cleaned == ["cleanup"]
+
+
+async def test_cancelling_the_rest_during_a_bare_yield_raises_in_the_callback() -> None:
+    cleaned: list[str] = []
+
+    async def put() -> None:
+        try:
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        finally:
+            cleaned.append("cleanup")
+
+    task = start_eagerly(put())
+    assert task is not None
+    await asyncio.sleep(0)
+    task.cancel()  # while it gives the loop a turn: thrown into the callback
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cleaned == ["cleanup"]
+
+
+async def test_a_rest_cancelled_before_its_first_step_closes_the_callback() -> None:
+    cleaned: list[str] = []
+
+    async def put() -> None:
+        try:
+            await asyncio.sleep(0)
+        finally:
+            cleaned.append("cleanup")
+
+    task = start_eagerly(put())
+    assert task is not None
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cleaned == ["cleanup"]
