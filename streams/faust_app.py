@@ -39,6 +39,14 @@
    streams' queues. Ember's loop starts the callback at once (`start_eagerly`, what Python
    3.12's eager tasks do) and pays for `wait_first` only when the callback does wait. The
    control-plane benchmark drained a backlog 1.5x as fast per CPU second with it.
+6. Metadata that shrinks. aiokafka's producer asks the broker for every topic's metadata
+   while it tracks no topic by name, and a send to a topic found that way adds nothing to
+   its list. The first send to a topic it has no metadata for (a client's reply topic that
+   does not exist) puts that one topic on the list, and from then on it asks only for the
+   listed ones: every other topic drops out of its metadata, and records already waiting for
+   them stay unsent while it keeps asking about the missing one (an admitted request held
+   5 s, until that send gave up). Ember's producer lists, once started, every topic it
+   knows.
 """
 
 from __future__ import annotations
@@ -248,14 +256,31 @@ class _Consumer(faust_aiokafka.Consumer):
             pass
 
 
+def track_known_topics(client: Any) -> list[str]:
+    """Put every topic `client` (an aiokafka client) has metadata for on its list of topics
+    (module docstring, 6); returns them."""
+    topics = sorted(client.cluster.topics())
+    for topic in topics:
+        client.add_topic(topic)
+    return topics
+
+
+class _Producer(faust_aiokafka.Producer):
+    async def on_start(self) -> None:
+        await super().on_start()
+        track_known_topics(self._ensure_producer().client)
+
+
 class _Transport(faust_aiokafka.Transport):
     Consumer: ClassVar[Any] = _Consumer
+    Producer: ClassVar[Any] = _Producer
 
 
 class EmberApp(faust.App):
     """`faust.App` with the consumer's fetch wait bounded, its pauses made in aiokafka too, the
-    start offsets of its partitions committed, without the Monitor sensor, and records handed
-    to the streams without four tasks each (see the module docstring). Takes Faust's options
+    start offsets of its partitions committed, without the Monitor sensor, records handed to
+    the streams without four tasks each, and a producer whose metadata keeps every topic it
+    knows (see the module docstring). Takes Faust's options
     plus `fetch_max_wait_ms`. Kafka only (`kafka://` broker URLs)."""
 
     def __init__(
