@@ -218,7 +218,16 @@ async def test_cancelling_the_rest_cancels_what_the_callback_waits_on() -> None:
     assert cleaned == ["cleanup"]
 
 
-async def test_cancelling_the_rest_during_a_bare_yield_raises_in_the_callback() -> None:
+@pytest.mark.parametrize(
+    "started",
+    [
+        True,  # cancelled while it gives the loop a turn: thrown into the callback
+        False,  # cancelled before its first step: the callback is closed
+    ],
+)
+async def test_a_rest_cancelled_without_a_future_to_cancel_ends_the_callback(
+    started: bool,
+) -> None:
     cleaned: list[str] = []
 
     async def put() -> None:
@@ -230,24 +239,8 @@ async def test_cancelling_the_rest_during_a_bare_yield_raises_in_the_callback() 
 
     task = start_eagerly(put())
     assert task is not None
-    await asyncio.sleep(0)
-    task.cancel()  # while it gives the loop a turn: thrown into the callback
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert cleaned == ["cleanup"]
-
-
-async def test_a_rest_cancelled_before_its_first_step_closes_the_callback() -> None:
-    cleaned: list[str] = []
-
-    async def put() -> None:
-        try:
-            await asyncio.sleep(0)
-        finally:
-            cleaned.append("cleanup")
-
-    task = start_eagerly(put())
-    assert task is not None
+    if started:
+        await asyncio.sleep(0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
