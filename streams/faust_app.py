@@ -280,8 +280,8 @@ class EmberApp(faust.App):
     """`faust.App` with the consumer's fetch wait bounded, its pauses made in aiokafka too, the
     start offsets of its partitions committed, without the Monitor sensor, records handed to
     the streams without four tasks each, and a producer whose metadata keeps every topic it
-    knows (see the module docstring). Takes Faust's options
-    plus `fetch_max_wait_ms`. Kafka only (`kafka://` broker URLs)."""
+    knows (see the module docstring). Takes Faust's options plus `fetch_max_wait_ms`. Kafka
+    only (`kafka://` broker URLs)."""
 
     def __init__(
         self, *args: Any, fetch_max_wait_ms: int = DEFAULT_FETCH_MAX_WAIT_MS, **options: Any

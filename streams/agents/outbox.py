@@ -181,8 +181,9 @@ async def send_all(outs: Iterable[Out]) -> None:
     """Hand every record to the app's producer, in order, after the changelog records of the
     table writes made since the last call (streams.tables.Changelog); returns once they are
     queued. Faust flushes this producer before it commits the offsets of the events that
-    made them (at-least-once). Straight to the producer rather than through `Topic.send`: our values
-    are bytes already, and Faust's channel machinery costs more than the send itself."""
+    made them (at-least-once). Straight to the producer rather than through `Topic.send`:
+    our values are bytes already, and Faust's channel machinery costs more than the send
+    itself."""
     producer = app.producer
     for c in CHANGELOG.take():
         sent = await producer.send(c.topic, c.key, c.value, c.partition, None, c.headers)
@@ -260,4 +261,3 @@ def safely(component: str, record: Consumed, step: Any, *args: Any) -> list[Out]
     except Exception:
         log.exception("could not dead-letter a record", agent=component, topic=record.topic)
         return []
-
