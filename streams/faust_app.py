@@ -168,8 +168,9 @@ class _Consumer(faust_aiokafka.Consumer):
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - the broker's
         """Faust's drain loop (faust.transport.consumer.Consumer._drain_messages), but for how
-        a record reaches the conductor: started eagerly, with `wait_first` only for a
-        callback that waits (module docstring, 5)."""
+        a record reaches the conductor once the app is steady (not rebalancing, its tables
+        recovered): started eagerly, with `wait_first` only for a callback that waits (module
+        docstring, 5)."""
         callback = self.callback
         getmany = self.getmany
         consumer_should_stop = self._stopped.is_set
@@ -180,6 +181,12 @@ class _Consumer(faust_aiokafka.Consumer):
         commit_every = self._commit_every
         acks_enabled_for = self.app.topics.acks_enabled_for
         suspend_flow = self.suspend_flow
+        app = self.app
+        recovered = app.tables.recovery.completed.is_set
+
+        def steady() -> bool:  # not rebalancing, tables recovered
+            return recovered() and not app.rebalancing
+
         yield_every, num_since_yield = 100, 0
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
@@ -201,7 +208,7 @@ class _Consumer(faust_aiokafka.Consumer):
                             if commit_every is not None and self._n_acked >= commit_every:
                                 self._n_acked = 0
                                 await self.commit()
-                            if suspend_flow.is_set():
+                            if suspend_flow.is_set() or not steady():
                                 await self.wait_first(callback(message), suspend_flow.wait())
                             else:
                                 rest = start_eagerly(cast(Any, callback(message)))
