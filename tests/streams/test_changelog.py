@@ -23,6 +23,7 @@ def empty_changelog() -> Any:
 
 
 def faust_would_send(table: Any, key: Any, value: Any, value_serializer: Any = None) -> Any:
+    """Faust's own record for the write (its FutureMessage needs the running loop)."""
     return table.changelog_topic.as_future_message(
         key=key,
         value=value,
@@ -40,7 +41,9 @@ def faust_would_send(table: Any, key: Any, value: Any, value_serializer: Any = N
         (arrivals.table, ("tiny", (0.0, 60.0)), 5),  # a windowed key
     ],
 )
-def test_a_write_queues_the_record_faust_would_send(table: Any, key: Any, value: Any) -> None:
+async def test_a_write_queues_the_record_faust_would_send(
+    table: Any, key: Any, value: Any
+) -> None:
     queued = table.send_changelog(3, key, value)
     assert queued.message.partition == 3  # what Faust's table code reads back
     [record] = CHANGELOG.take()
@@ -51,7 +54,7 @@ def test_a_write_queues_the_record_faust_would_send(table: Any, key: Any, value:
     assert record.table is table
 
 
-def test_a_delete_queues_a_tombstone() -> None:
+async def test_a_delete_queues_a_tombstone() -> None:
     placement_requests.send_changelog(3, "r-1", None, value_serializer="raw")
     [record] = CHANGELOG.take()
     assert record.value is None
