@@ -41,7 +41,7 @@
    control-plane benchmark drained a backlog 1.5x as fast per CPU second with it. Only
    once the app is steady: while it rebalances or recovers its tables every record takes
    Faust's own way. With the eager start on from the first record, a streams restart under
-   traffic (tests/reliability, "streams app restart") lost requests in 2 of about 5 runs;
+   traffic (tests/reliability, "streams app restart") lost requests in 2 of 4 runs;
    with it off until then, none in 6.
 6. Metadata that shrinks. aiokafka's producer asks the broker for every topic's metadata
    while it tracks no topic by name, and a send to a topic found that way adds nothing to
