@@ -23,7 +23,6 @@ def empty_changelog() -> Any:
 
 
 def faust_would_send(table: Any, key: Any, value: Any, value_serializer: Any = None) -> Any:
-    """Faust's own record for the write (its FutureMessage needs the running loop)."""
     return table.changelog_topic.as_future_message(
         key=key,
         value=value,
@@ -41,9 +40,7 @@ def faust_would_send(table: Any, key: Any, value: Any, value_serializer: Any = N
         (arrivals.table, ("tiny", (0.0, 60.0)), 5),  # a windowed key
     ],
 )
-async def test_a_write_queues_the_record_faust_would_send(
-    table: Any, key: Any, value: Any
-) -> None:
+def test_a_write_queues_the_record_faust_would_send(table: Any, key: Any, value: Any) -> None:
     queued = table.send_changelog(3, key, value)
     assert queued.message.partition == 3  # what Faust's table code reads back
     [record] = CHANGELOG.take()
@@ -54,7 +51,7 @@ async def test_a_write_queues_the_record_faust_would_send(
     assert record.table is table
 
 
-async def test_a_delete_queues_a_tombstone() -> None:
+def test_a_delete_queues_a_tombstone() -> None:
     placement_requests.send_changelog(3, "r-1", None, value_serializer="raw")
     [record] = CHANGELOG.take()
     assert record.value is None
