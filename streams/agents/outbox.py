@@ -229,11 +229,7 @@ def _persisted(table: Any, sent: Any) -> None:
 
 
 async def _send_changelog() -> None:
-    """Changelog records of writes made outside an agent step (a timer)."""
-    try:
-        await send_all(())
-    except Exception:  # the producer stopped or failed: say so, as Faust's buffer would
-        log.exception("changelog records could not be handed to the producer")
+    await send_all(())
 
 
 CHANGELOG.sender = _send_changelog

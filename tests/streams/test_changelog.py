@@ -7,7 +7,6 @@ import asyncio
 from typing import Any
 
 import pytest
-import structlog
 from aiokafka.structs import RecordMetadata, TopicPartition
 
 from streams.agents import outbox
@@ -124,22 +123,3 @@ async def test_writes_a_step_sends_itself_are_not_sent_twice(producer: FakeProdu
     for _ in range(3):
         await asyncio.sleep(0)
     assert producer.sent == [("t-changelog", b'"m"', b"row", 0)]
-
-
-async def test_a_failed_send_of_left_writes_is_logged_not_lost_silently(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    class Stopped:
-        async def send(self, *args: Any) -> Any:
-            raise RuntimeError("producer not started")
-
-    class App:
-        producer = Stopped()
-
-    monkeypatch.setattr(outbox, "app", App())
-    with structlog.testing.capture_logs() as logs:
-        CHANGELOG.add(ChangelogRecord("t-changelog", b'"m"', b"row", 0, None, FakeTable()))
-        for _ in range(3):
-            await asyncio.sleep(0)
-    assert [e["log_level"] for e in logs
-            if e["event"] == "changelog records could not be handed to the producer"] == ["error"]
