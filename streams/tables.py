@@ -27,18 +27,15 @@ what it changed, not the size of the queue. After a restart a model's state is r
 its rows: pending in order of (class, re-placed first, admitted_at).
 
 Durability is Faust's at-least-once: a changelog write is flushed before the offset of the
-event that made it is committed. The changelog records of `ModelTable`s go to the producer
-with the records of the step that wrote them (`Changelog`), not through Faust's producer
-buffer.
+event that made it is committed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -72,71 +69,9 @@ def writing_for(model: str) -> Iterator[None]:
         _PARTITION.reset(token)
 
 
-@dataclass(frozen=True, slots=True)
-class ChangelogRecord:
-    """A table write's changelog record, serialized as Faust would, waiting for the producer;
-    `table`'s persisted offset follows once it is sent."""
-
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    partition: int
-    headers: list[tuple[str, bytes]] | None
-    table: Any
-
-
-class Changelog:
-    """The changelog records of table writes, handed to the producer by
-    `streams.agents.outbox.send_all` together with the records of the step that wrote them.
-
-    Faust sends each changelog record through its producer buffer: a FutureMessage, a queue
-    and a turn of a background task per record, and once the buffer holds 100, every record
-    consumed waits for it (with a warning logged per record). Placement writes a request's
-    row when it places it and deletes it when it ends, so that cost was paid twice per
-    request. Writes made outside an agent step (a timer) are sent soon after by `sender`, set
-    by the outbox; at-least-once holds as before: an event's records, its changelog among
-    them, are handed to the producer before the event is acknowledged, and Faust flushes the
-    producer before it commits."""
-
-    def __init__(self) -> None:
-        self._records: list[ChangelogRecord] = []
-        self.sender: Callable[[], Awaitable[None]] | None = None
-
-    def add(self, record: ChangelogRecord) -> None:
-        if not self._records:
-            try:
-                asyncio.get_running_loop().call_soon(self._send_left)
-            except RuntimeError:  # no loop (a script): the next send_all takes it
-                pass
-        self._records.append(record)
-
-    def take(self) -> list[ChangelogRecord]:
-        records, self._records = self._records, []
-        return records
-
-    def _send_left(self) -> None:
-        if self._records and self.sender is not None:
-            asyncio.ensure_future(self.sender())
-
-
-CHANGELOG = Changelog()
-
-
-@dataclass(frozen=True, slots=True)
-class _Queued:
-    """What Faust's table code reads of the FutureMessage `send_changelog` returns."""
-
-    partition: int
-
-    @property
-    def message(self) -> _Queued:
-        return self
-
-
 class ModelTable(faust.Table):
-    """A table whose rows live in their model's partition, also when written by a timer,
-    and whose changelog records go to `CHANGELOG`. `value_serializer` picks the changelog
-    codec (Faust's json by default)."""
+    """A table whose rows live in their model's partition, also when written by a timer.
+    `value_serializer` picks the changelog codec (Faust's json by default)."""
 
     def __init__(self, *args: Any, value_serializer: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -146,34 +81,6 @@ class ModelTable(faust.Table):
     def partition_for_key(self, key: Any) -> int | None:
         partition = _PARTITION.get()
         return partition if partition is not None else super().partition_for_key(key)
-
-    def send_changelog(
-        self,
-        partition: int | None,
-        key: Any,
-        value: Any,
-        key_serializer: Any = None,
-        value_serializer: Any = None,
-    ) -> Any:
-        if partition is None or self.app.in_transaction:
-            return super().send_changelog(partition, key, value, key_serializer, value_serializer)
-        topic = self.changelog_topic
-        final_key, headers = topic.prepare_key(key, key_serializer or self.key_serializer,
-                                               None, {})
-        final_value, headers = topic.prepare_value(
-            value, value_serializer or self.value_serializer, None, headers
-        )
-        CHANGELOG.add(
-            ChangelogRecord(
-                topic.get_topic_name(),
-                final_key,
-                final_value,
-                partition,
-                list(headers.items()) if headers else None,
-                self,
-            )
-        )
-        return _Queued(partition)
 
 
 class ModelGlobalTable(faust.GlobalTable):

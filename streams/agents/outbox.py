@@ -16,7 +16,6 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import faust
@@ -32,7 +31,6 @@ from schemas import (
     reply_route,
 )
 from streams.app import app
-from streams.tables import CHANGELOG
 
 log = get_logger(__name__)
 
@@ -178,16 +176,11 @@ def known_topics(*names: str) -> None:
 
 
 async def send_all(outs: Iterable[Out]) -> None:
-    """Hand every record to the app's producer, in order, after the changelog records of the
-    table writes made since the last call (streams.tables.Changelog); returns once they are
-    queued. Faust flushes this producer before it commits the offsets of the events that
-    made them (at-least-once). Straight to the producer rather than through `Topic.send`:
-    our values are bytes already, and Faust's channel machinery costs more than the send
-    itself."""
+    """Hand every record to the app's producer, in order; returns once they are queued.
+    Faust flushes this producer before it commits the offsets of the events that made them
+    (at-least-once). Straight to the producer rather than through `Topic.send`: our values
+    are bytes already, and Faust's channel machinery costs more than the send itself."""
     producer = app.producer
-    for c in CHANGELOG.take():
-        sent = await producer.send(c.topic, c.key, c.value, c.partition, None, c.headers)
-        sent.add_done_callback(partial(_persisted, c.table))  # type: ignore[attr-defined]
     for o in outs:
         if o.topic in _known:
             sent = await producer.send(
@@ -216,23 +209,6 @@ async def _first_send(o: Out) -> None:
     _known.add(o.topic)
     _missing.pop(o.topic, None)
     sent.add_done_callback(_log_failure)  # type: ignore[attr-defined]
-
-
-def _persisted(table: Any, sent: Any) -> None:
-    """A changelog record is in: its table's store notes the offset, as Faust's own changelog
-    callback does (a durable store recovers from there)."""
-    if sent.cancelled() or sent.exception() is not None:
-        _log_failure(sent)
-        return
-    metadata = sent.result()
-    table.data.set_persisted_offset(metadata.topic_partition, metadata.offset)
-
-
-async def _send_changelog() -> None:
-    await send_all(())
-
-
-CHANGELOG.sender = _send_changelog
 
 
 def _log_failure(sent: Any) -> None:
