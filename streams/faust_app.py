@@ -40,9 +40,9 @@
    3.12's eager tasks do) and pays for `wait_first` only when the callback does wait. The
    control-plane benchmark drained a backlog 1.5x as fast per CPU second with it. Only
    once the app is steady: before its tables are first recovered, and while it rebalances
-   or recovers them again, every record takes Faust's own way. With the eager start on from the first record, a streams restart under
-   traffic (tests/reliability, "streams app restart") lost requests in 2 of 4 runs;
-   with it off until then, none in 6.
+   or recovers them again, every record takes Faust's own way. With the eager start on
+   from the first record, a streams restart under traffic (tests/reliability, "streams app
+   restart") lost requests in 2 of 4 runs; with it off until then, none in 6.
 6. Metadata that shrinks. aiokafka's producer asks the broker for every topic's metadata
    while it tracks no topic by name, and a send to a topic found that way adds nothing to
    its list. The first send to a topic it has no metadata for (a client's reply topic that
