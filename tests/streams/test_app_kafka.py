@@ -183,7 +183,7 @@ def _config(path: Path) -> Path:
     models = {m: {"slots": 4, "placement": placement} for m in MODELS}
     models[DYING] = {"slots": 4, "placement": {**placement, "dead_after_s": 3.0}}
     models[FULL] = {"slots": 4, "admission": {"queue_bounds": {"interactive": 8, "batch": 0}}}
-    admission = {"defer_s": 1.0, "max_defer_s": 2.5}
+    admission = {"defer_s": 1.0, "max_defer_s": 2.9}
     path.write_text(json.dumps({"models": models, "admission": admission}))
     return path
 
@@ -361,10 +361,11 @@ async def test_batch_under_pressure_is_deferred_then_rejected_after_max_defer(
     streams: Streams,
 ) -> None:
     """FULL takes no batch requests (bound 0): each try is deferred 1 s through the app's own
-    delay topic (created by Faust) until max_defer_s (2.5 s) is spent."""
-    req = request(FULL, latency_class="batch")
+    delay topic (created by Faust) until max_defer_s (2.9 s) is spent. The request is made once
+    the tail listens: its clock starts at `submitted_at`, and the second try has 0.9 s to spare."""
     deferred = f"{GROUP}-deferred"
     async with streams.tail(REPLIES, deferred) as tail:
+        req = request(FULL, latency_class="batch")
         await streams.send(req)
         _, chunk = await tail.wait_for(
             TokenChunk, REPLIES, lambda c: c.request_id == req.request_id, timeout=30
@@ -372,7 +373,7 @@ async def test_batch_under_pressure_is_deferred_then_rejected_after_max_defer(
         key = req.request_id.encode()
         retries = [s for s in tail.records if s.topic == deferred and s.key == key]
     assert chunk.finish_reason == "rejected" and chunk.error_code == "overloaded"
-    assert len(retries) == 2  # deferred at 0 s and 1 s; at 2 s the next retry would pass 2.5 s
+    assert len(retries) == 2  # deferred at 0 s and 1 s; at 2 s the next retry would pass 2.9 s
     assert chunk.emitted_at - req.submitted_at >= 2_000
 
 
