@@ -47,10 +47,14 @@
    while it tracks no topic by name, and a send to a topic found that way adds nothing to
    its list. The first send to a topic it has no metadata for (a client's reply topic that
    does not exist) puts that one topic on the list, and from then on it asks only for the
-   listed ones: every other topic drops out of its metadata, and records already waiting for
-   them stay unsent while it keeps asking about the missing one (an admitted request held
-   5 s, until that send gave up). Ember's producer lists, once started, every topic it
-   knows.
+   listed ones: every other topic drops out of its metadata. A record already waiting for
+   one of them is then stuck: its sender asks for metadata again and again, about a
+   thousand times a second, with nothing on the list that would bring the topic back, until
+   the record expires (an admitted request never placed; the storm of metadata requests
+   slowed the whole process). A producer also starts with no topic's metadata at all (its
+   bootstrap asks for none). Ember's producer fetches every topic's metadata once started
+   and lists them all, and lists any other topic before its first send there, so a topic
+   it sends to never leaves its metadata.
 """
 
 from __future__ import annotations
@@ -267,19 +271,54 @@ class _Consumer(faust_aiokafka.Consumer):
             pass
 
 
-def track_known_topics(client: Any) -> list[str]:
-    """Put every topic `client` (an aiokafka client) has metadata for on its list of topics
-    (module docstring, 6); returns them."""
-    topics = sorted(client.cluster.topics())
-    for topic in topics:
-        client.add_topic(topic)
-    return topics
+class TopicList:
+    """The topics an aiokafka client asks metadata for, kept so that none it sends to ever
+    drops out (module docstring, 6)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.listed: set[str] = set()
+
+    async def start(self) -> list[str]:
+        """Fetch every topic's metadata (the client lists none yet, so it asks for all) and
+        list every topic there; returns them."""
+        await self.client.force_metadata_update()
+        topics = sorted(self.client.cluster.topics())
+        for topic in topics:
+            self.add(topic)
+        return topics
+
+    def add(self, topic: str) -> None:
+        """List `topic`; call before the first send to it."""
+        if topic not in self.listed:
+            self.listed.add(topic)
+            self.client.add_topic(topic)
 
 
 class _Producer(faust_aiokafka.Producer):
+    topic_list: TopicList | None = None
+
     async def on_start(self) -> None:
         await super().on_start()
-        track_known_topics(self._ensure_producer().client)
+        self.topic_list = TopicList(self._ensure_producer().client)
+        await self.topic_list.start()
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: Any,
+        *,
+        transactional_id: str | None = None,
+    ) -> Any:
+        if self.topic_list is not None:
+            self.topic_list.add(topic)
+        return await super().send(
+            topic, key, value, partition, timestamp, headers, transactional_id=transactional_id
+        )
 
 
 class _Transport(faust_aiokafka.Transport):
