@@ -55,12 +55,23 @@
    bootstrap asks for none). Ember's producer fetches every topic's metadata once started
    and lists them all, and lists any other topic before its first send there, so a topic
    it sends to never leaves its metadata.
+7. A future per table write. Faust sends each changelog record through its producer buffer
+   as a FutureMessage: a queue entry, a turn of the buffer's task, sensor calls and a
+   callback per record. Placement writes a request's row when it places it and deletes it
+   when it ends: two records per request. Ember's tables (streams.tables) hand the buffer
+   the record ready to send (`put_record`); the records put between two turns of the
+   buffer's task take one queue entry together, and that task sends them, in order, with
+   Faust's own. Nothing else changes: agents never wait for a changelog send, Faust's
+   `flush` before a commit waits for these records as for its own, and the table's store
+   notes each record's offset once it is in.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, cast
 
 import aiokafka
@@ -68,7 +79,10 @@ import faust
 from aiokafka import TopicPartition
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.transport.producer import ProducerBuffer
 from faust.types import TP
+
+from infra.logs import get_logger
 
 DEFAULT_FETCH_MAX_WAIT_MS = 100
 # The rebalance "sensor state" when no sensor has any: Faust warns when that state is empty.
@@ -295,8 +309,78 @@ class TopicList:
             self.client.add_topic(topic)
 
 
+@dataclass(frozen=True, slots=True)
+class ChangelogRecord:
+    """A table write's changelog record as Faust would produce it; `table`'s store notes the
+    offset once it is in (module docstring, 7)."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    partition: int
+    headers: list[tuple[str, bytes]] | None
+    table: Any
+
+
+# Stands in the buffer's queue for all the ChangelogRecords put since its last turn.
+_RECORDS: Any = object()
+_log = get_logger(__name__)
+
+
+class RecordBuffer(ProducerBuffer):
+    """Faust's producer buffer, which also takes ready-made changelog records (module
+    docstring, 7). Not for a threaded producer (Faust's `producer_threaded`)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._records: list[ChangelogRecord] = []
+
+    def put_record(self, record: ChangelogRecord) -> None:
+        if not self._records:  # else a _RECORDS already waits in the queue for this one too
+            self.pending.put_nowait(_RECORDS)
+        self._records.append(record)
+
+    def take_records(self) -> list[ChangelogRecord]:
+        """The records put and not yet sent, taken out (they will not be sent)."""
+        records, self._records = self._records, []
+        return records
+
+    async def _send_pending(self, fut: Any) -> None:
+        if fut is not _RECORDS:
+            await super()._send_pending(fut)
+            return
+        records = self.take_records()
+        producer = cast(faust.App, self.app).producer
+        for r in records:
+            try:
+                sent = await producer.send(r.topic, r.key, r.value, r.partition, None, r.headers)
+            except Exception as exc:  # as Faust's own buffer would, without stopping the rest
+                error = repr(exc)[:300]
+                _log.error("could not send a changelog record", topic=r.topic, error=error)
+                continue
+            sent.add_done_callback(partial(_persisted, r.table))  # type: ignore[attr-defined]
+
+
+def _persisted(table: Any, sent: asyncio.Future[Any]) -> None:
+    """A changelog record is in: its table's store notes the offset, as Faust's own callback
+    does (a durable store recovers from there)."""
+    if sent.cancelled():
+        return
+    if sent.exception() is not None:
+        _log.error("a changelog record could not be produced", error=repr(sent.exception())[:300])
+        return
+    metadata = sent.result()
+    table.data.set_persisted_offset(metadata.topic_partition, metadata.offset)
+
+
 class _Producer(faust_aiokafka.Producer):
     topic_list: TopicList | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.app.conf.producer_threaded:
+            self.buffer = RecordBuffer(loop=self.loop, beacon=self.beacon)
+            self.buffer.app = self.app
 
     async def on_start(self) -> None:
         await super().on_start()
@@ -329,9 +413,9 @@ class _Transport(faust_aiokafka.Transport):
 class EmberApp(faust.App):
     """`faust.App` with the consumer's fetch wait bounded, its pauses made in aiokafka too, the
     start offsets of its partitions committed, without the Monitor sensor, records handed to
-    the streams without four tasks each, and a producer whose metadata keeps every topic it
-    knows (see the module docstring). Takes Faust's options plus `fetch_max_wait_ms`. Kafka
-    only (`kafka://` broker URLs)."""
+    the streams without four tasks each, a producer whose metadata keeps every topic it
+    knows, and changelog records without a future each (see the module docstring). Takes
+    Faust's options plus `fetch_max_wait_ms`. Kafka only (`kafka://` broker URLs)."""
 
     def __init__(
         self, *args: Any, fetch_max_wait_ms: int = DEFAULT_FETCH_MAX_WAIT_MS, **options: Any

@@ -27,7 +27,8 @@ what it changed, not the size of the queue. After a restart a model's state is r
 its rows: pending in order of (class, re-placed first, admitted_at).
 
 Durability is Faust's at-least-once: a changelog write is flushed before the offset of the
-event that made it is committed.
+event that made it is committed. The changelog records go to the producer's buffer ready to
+send, not one FutureMessage each (streams.faust_app, 7).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -44,6 +45,7 @@ from faust.tables.wrappers import WindowWrapper
 
 from schemas import LATENCY_CLASSES, AdmittedRequest, decode, encode
 from streams.app import app, model_partition
+from streams.faust_app import ChangelogRecord, RecordBuffer
 from streams.codec import MAP_CODEC
 from streams.policy import HourOfDayProfile, ModelLoad, Observation, PlacementState
 from streams.policy.placement import InFlight
@@ -69,7 +71,47 @@ def writing_for(model: str) -> Iterator[None]:
         _PARTITION.reset(token)
 
 
-class ModelTable(faust.Table):
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    """What Faust's table code reads of what `send_changelog` returns: `.message.partition`."""
+
+    partition: int
+
+    @property
+    def message(self) -> _Queued:
+        return self
+
+
+class _Changelog(faust.Table):
+    """Changelog records, serialized as Faust would, put in the producer's RecordBuffer
+    (streams.faust_app, 7). Faust's own way where that buffer is not there, in a
+    transaction, or when the producer is to pick the partition."""
+
+    def send_changelog(
+        self,
+        partition: int | None,
+        key: Any,
+        value: Any,
+        key_serializer: Any = None,
+        value_serializer: Any = None,
+    ) -> Any:
+        buffer = self.app.producer.buffer
+        if partition is None or self.app.in_transaction or not isinstance(buffer, RecordBuffer):
+            return super().send_changelog(partition, key, value, key_serializer, value_serializer)
+        topic = self.changelog_topic
+        final_key, headers = topic.prepare_key(
+            key, key_serializer or self.key_serializer, None, {}
+        )
+        final_value, headers = topic.prepare_value(
+            value, value_serializer or self.value_serializer, None, headers
+        )
+        name = topic.get_topic_name()
+        items = list(headers.items()) if headers else None
+        buffer.put_record(ChangelogRecord(name, final_key, final_value, partition, items, self))
+        return _Queued(partition)
+
+
+class ModelTable(_Changelog):
     """A table whose rows live in their model's partition, also when written by a timer.
     `value_serializer` picks the changelog codec (Faust's json by default)."""
 
@@ -83,7 +125,7 @@ class ModelTable(faust.Table):
         return partition if partition is not None else super().partition_for_key(key)
 
 
-class ModelGlobalTable(faust.GlobalTable):
+class ModelGlobalTable(_Changelog, faust.GlobalTable):
     """A global table (every process reads all of it), one partition as Faust advises for
     global tables shared by several processes."""
 

@@ -53,6 +53,8 @@ from schemas.topics import (
     model_topic_name,
 )
 
+from streams.app import model_partition
+
 pytestmark = pytest.mark.kafka
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -413,16 +415,29 @@ async def test_request_lands_on_the_ready_workers_partition_warm(streams: Stream
         await streams.send(event, LIFECYCLE)
     await asyncio.sleep(1.0)  # placement reads lifecycle and admitted independently
     req = request(WARM)
-    async with streams.tail(model_topic_name(WARM)) as tail:
+    changelog = f"{GROUP}-placement-requests-changelog"
+    async with streams.tail(model_topic_name(WARM), changelog) as tail:
         await streams.send(req)
         seen, placed = await tail.wait_for(
             AdmittedRequest, model_topic_name(WARM), lambda a: a.request_id == req.request_id
         )
+        row_key = json.dumps(req.request_id).encode()  # Faust's json key
+        deadline = time.monotonic() + 10
+        rows = []
+        while not rows and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            rows = [r for r in tail.records if r.topic == changelog and r.key == row_key]
     assert seen.partition == 3
     assert seen.key == req.request_id.encode()
     assert placed.worker_id == f"w-{RUN}"
     assert placed.warm is True
     assert placed.placed_at is not None and placed.placed_at >= placed.admitted_at
+    # its row, in flight, on the table's changelog (recovery reads it back)
+    assert rows, f"no row of {req.request_id} on {changelog}"
+    assert rows[0].partition == model_partition(WARM)
+    row = msgpack.unpackb(rows[0].value)
+    assert row["status"] == "in_flight" and row["model"] == WARM
+    assert decode(AdmittedRequest, row["request"]).worker_id == f"w-{RUN}"
 
 
 async def test_pending_request_scales_up_then_drains_cold(streams: Streams) -> None:
