@@ -341,7 +341,7 @@ class RecordBuffer(ProducerBuffer):
         self._records.append(record)
 
     def take_records(self) -> list[ChangelogRecord]:
-        """The records put and not yet sent, taken out (they will not be sent)."""
+        """The records put since the buffer's last turn, taken out: the caller sends them."""
         records, self._records = self._records, []
         return records
 
