@@ -13,7 +13,7 @@ from aiokafka.structs import RecordMetadata, TopicPartition
 
 from streams.app import app
 from streams.faust_app import ChangelogRecord, RecordBuffer
-from streams.tables import arrivals, model_load, placement, placement_requests
+from streams.tables import _Queued, arrivals, model_load, placement, placement_requests
 
 
 @pytest.fixture
@@ -68,24 +68,14 @@ async def test_a_delete_queues_a_tombstone(buffer: RecordBuffer) -> None:
     assert record.key == faust_would_send(placement_requests, "r-1", None, "raw").key
 
 
-async def test_without_a_partition_the_write_goes_faust_s_way(buffer: RecordBuffer) -> None:
-    sent = placement.changelog_topic.send_soon  # Faust's way: a FutureMessage in its queue
-    calls: list[Any] = []
-    placement.changelog_topic.send_soon = lambda **kw: calls.append(kw) or _Partitioned(1)
-    try:
-        assert placement.send_changelog(None, "tiny", {"model": "tiny"}).message.partition == 1
-    finally:
-        placement.changelog_topic.send_soon = sent
+async def test_without_a_partition_the_write_goes_faust_s_way(
+    buffer: RecordBuffer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Any] = []  # Faust's way: `send_soon`, a FutureMessage in its queue
+    monkeypatch.setattr(placement.changelog_topic, "send_soon",
+                        lambda **kw: calls.append(kw) or _Queued(1))
+    assert placement.send_changelog(None, "tiny", {"model": "tiny"}).message.partition == 1
     assert buffer.take_records() == [] and calls[0]["key"] == "tiny"
-
-
-class _Partitioned:
-    def __init__(self, partition: int) -> None:
-        self.partition = partition
-
-    @property
-    def message(self) -> _Partitioned:
-        return self
 
 
 class FakeProducer:
