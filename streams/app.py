@@ -48,6 +48,7 @@ topic creation is off; Faust uses CreateTopics through its admin request).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -282,6 +283,7 @@ def _build(cls: type, base: Mapping[str, Any], overrides: Mapping[str, Any], whe
         raise SettingsError(f"EMBER_STREAMS_CONFIG {where}: {exc}") from None
 
 
+@functools.lru_cache(maxsize=4096)
 def model_partition(model: str, partitions: int = CONTROL_PARTITIONS) -> int:
     """The partition of `ember.admitted` / `ember.lifecycle` that carries `model`'s records:
     Kafka's default partitioner (murmur2 of the UTF-8 key, as the Java client and aiokafka

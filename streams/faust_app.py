@@ -55,15 +55,19 @@
    bootstrap asks for none). Ember's producer fetches every topic's metadata once started
    and lists them all, and lists any other topic before its first send there, so a topic
    it sends to never leaves its metadata.
-7. A future per table write. Faust sends each changelog record through its producer buffer
-   as a FutureMessage: a queue entry, a turn of the buffer's task, sensor calls and a
-   callback per record. Placement writes a request's row when it places it and deletes it
-   when it ends: two records per request. Ember's tables (streams.tables) hand the buffer
-   the record ready to send (`put_record`); the records put between two turns of the
-   buffer's task take one queue entry together, and that task sends them, in order, with
-   Faust's own. Nothing else changes: agents never wait for a changelog send, Faust's
-   `flush` before a commit waits for these records as for its own, and the table's store
-   notes each record's offset once it is in.
+7. A future per record. Faust sends each changelog record through its producer buffer as
+   a FutureMessage (a queue entry, a turn of the buffer's task, sensor calls and a callback
+   per record), and each `send` puts one record in aiokafka's accumulator with a future of
+   its own, resolved with a callback when the batch is in. Placement writes a request's row
+   when it places it and deletes it when it ends, and the agents send two records per
+   request (admitted, placed). Ember's tables (streams.tables) and agents
+   (streams.agents.outbox) hand the buffer records ready to send, to a known partition
+   (`put_record`); the records put between two turns of the buffer's task take one queue
+   entry together, and that task sends them, in order, a batch per partition (aiokafka's
+   `send_batch`: one future per batch), with Faust's own. Nothing else changes: agents
+   never wait for a send (unless `max_records` wait), Faust's `flush` before a commit
+   waits until every record put so far is handed to aiokafka, and a table's store notes
+   the offset of its records once they are in.
 """
 
 from __future__ import annotations
@@ -310,67 +314,131 @@ class TopicList:
 
 
 @dataclass(frozen=True, slots=True)
-class ChangelogRecord:
-    """A table write's changelog record as Faust would produce it; `table`'s store notes the
-    offset once it is in (module docstring, 7)."""
+class ReadyRecord:
+    """A record ready to send to a known partition (module docstring, 7): a table write's
+    changelog record as Faust would produce it (`table`'s store notes the offset once it is
+    in), or an agent's output (`table` None)."""
 
     topic: str
     key: bytes | None
     value: bytes | None
     partition: int
     headers: list[tuple[str, bytes]] | None
-    table: Any
+    table: Any = None
 
 
-# Stands in the buffer's queue for all the ChangelogRecords put since its last turn.
+# Stands in the buffer's queue for all the ReadyRecords put since its last turn.
 _RECORDS: Any = object()
 _log = get_logger(__name__)
 
 
 class RecordBuffer(ProducerBuffer):
-    """Faust's producer buffer, which also takes ready-made changelog records (module
-    docstring, 7). Not for a threaded producer (Faust's `producer_threaded`)."""
+    """Faust's producer buffer, which also takes ready records and sends them a batch per
+    partition (module docstring, 7). Not for a threaded producer (Faust's
+    `producer_threaded`). `max_records`: how many may wait before `ebb` makes a sender wait.
+    """
+
+    max_records = 20_000
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._records: list[ChangelogRecord] = []
+        self._records: list[ReadyRecord] = []
+        self._sending = False
+        self._handed = asyncio.Event()  # set after each turn that sent ready records
 
-    def put_record(self, record: ChangelogRecord) -> None:
+    def put_record(self, record: ReadyRecord) -> None:
         if not self._records:  # else a _RECORDS already waits in the queue for this one too
             self.pending.put_nowait(_RECORDS)
         self._records.append(record)
 
-    def take_records(self) -> list[ChangelogRecord]:
+    def take_records(self) -> list[ReadyRecord]:
         """The records put since the buffer's last turn, taken out: the caller sends them."""
         records, self._records = self._records, []
         return records
+
+    async def ebb(self) -> None:
+        """Wait while more than `max_records` records wait to be sent."""
+        while len(self._records) > self.max_records:
+            await self._next_turn()
+
+    async def flush(self) -> None:
+        """Faust's flush, then until every ready record put so far is handed to the Kafka
+        producer: Faust commits the offsets of the events that made them right after."""
+        await super().flush()
+        while (self._records or self._sending) and self.state == "running":
+            await self._next_turn()
+
+    async def _next_turn(self) -> None:
+        self._handed.clear()
+        try:
+            await asyncio.wait_for(self._handed.wait(), 0.1)
+        except asyncio.TimeoutError:
+            pass
 
     async def _send_pending(self, fut: Any) -> None:
         if fut is not _RECORDS:
             await super()._send_pending(fut)
             return
-        records = self.take_records()
-        producer = cast(faust.App, self.app).producer
-        for r in records:
-            try:
-                sent = await producer.send(r.topic, r.key, r.value, r.partition, None, r.headers)
-            except Exception as exc:  # as Faust's own buffer would, without stopping the rest
-                error = repr(exc)[:300]
-                _log.error("could not send a changelog record", topic=r.topic, error=error)
-                continue
-            sent.add_done_callback(partial(_persisted, r.table))  # type: ignore[attr-defined]
+        self._sending = True
+        try:
+            records = self.take_records()
+            by_partition: dict[tuple[str, int], list[ReadyRecord]] = {}
+            for r in records:
+                by_partition.setdefault((r.topic, r.partition), []).append(r)
+            producer = cast(Any, self.app).producer
+            for (topic, partition), group in by_partition.items():
+                await _send_batches(producer, topic, partition, group)
+        finally:
+            self._sending = False
+            self._handed.set()
 
 
-def _persisted(table: Any, sent: asyncio.Future[Any]) -> None:
-    """A changelog record is in: its table's store notes the offset, as Faust's own callback
-    does (a durable store recovers from there)."""
+async def _send_batches(
+    producer: Any, topic: str, partition: int, records: list[ReadyRecord]
+) -> None:
+    """`records`, in order, to one partition: as few of aiokafka's batches as hold them, one
+    future each instead of one per record (a batch takes its first record whatever its size,
+    so each takes at least one). A failure is logged and does not stop the other records, as
+    with Faust's own buffer."""
+    client = producer._ensure_producer()
+    if producer.topic_list is not None:
+        producer.topic_list.add(topic)
+    i = 0
+    while i < len(records):
+        start = i
+        builder = client.create_batch()
+        while i < len(records):
+            r = records[i]
+            headers = r.headers or []
+            if builder.append(timestamp=None, key=r.key, value=r.value, headers=headers) is None:
+                break
+            i += 1
+        try:
+            sent = await client.send_batch(builder, topic, partition=partition)
+        except Exception as exc:
+            error = repr(exc)[:300]
+            _log.error("could not send records", topic=topic, records=i - start, error=error)
+            continue
+        sent.add_done_callback(partial(_sent, records[start:i]))
+
+
+def _sent(records: list[ReadyRecord], sent: asyncio.Future[Any]) -> None:
+    """A batch is in (its offset is the first record's): each table's store notes the offset
+    of its last record there, as Faust's own callback does (a durable store recovers from
+    there). A batch that failed is logged."""
     if sent.cancelled():
         return
     if sent.exception() is not None:
-        _log.error("a changelog record could not be produced", error=repr(sent.exception())[:300])
+        error = repr(sent.exception())[:300]
+        _log.error("records could not be produced", records=len(records), error=error)
         return
     metadata = sent.result()
-    table.data.set_persisted_offset(metadata.topic_partition, metadata.offset)
+    last: dict[int, tuple[Any, int]] = {}
+    for i, r in enumerate(records):
+        if r.table is not None:
+            last[id(r.table)] = (r.table, i)
+    for table, i in last.values():
+        table.data.set_persisted_offset(metadata.topic_partition, metadata.offset + i)
 
 
 class _Producer(faust_aiokafka.Producer):
@@ -414,7 +482,7 @@ class EmberApp(faust.App):
     """`faust.App` with the consumer's fetch wait bounded, its pauses made in aiokafka too, the
     start offsets of its partitions committed, without the Monitor sensor, records handed to
     the streams without four tasks each, a producer whose metadata keeps every topic it
-    knows, and changelog records without a future each (see the module docstring). Takes
+    knows, and ready records sent a batch per partition (see the module docstring). Takes
     Faust's options plus `fetch_max_wait_ms`. Kafka only (`kafka://` broker URLs)."""
 
     def __init__(

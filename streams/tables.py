@@ -45,7 +45,7 @@ from faust.tables.wrappers import WindowWrapper
 
 from schemas import LATENCY_CLASSES, AdmittedRequest, decode, encode
 from streams.app import app, model_partition
-from streams.faust_app import ChangelogRecord, RecordBuffer
+from streams.faust_app import ReadyRecord, RecordBuffer
 from streams.codec import MAP_CODEC
 from streams.policy import HourOfDayProfile, ModelLoad, Observation, PlacementState
 from streams.policy.placement import InFlight
@@ -107,7 +107,7 @@ class _Changelog(faust.Table):
         )
         name = topic.get_topic_name()
         items = list(headers.items()) if headers else None
-        buffer.put_record(ChangelogRecord(name, final_key, final_value, partition, items, self))
+        buffer.put_record(ReadyRecord(name, final_key, final_value, partition, items, self))
         return _Queued(partition)
 
 

@@ -45,7 +45,14 @@ from schemas import (
 )
 from schemas.topics import ADMITTED
 from streams.agents.outbox import MEMO, Consumed, Out, count, now_ms, out, safely, send_all
-from streams.app import RETRY_AT_HEADER, SETTINGS, app, deferred_topic, requests_topic
+from streams.app import (
+    RETRY_AT_HEADER,
+    SETTINGS,
+    app,
+    deferred_topic,
+    model_partition,
+    requests_topic,
+)
 from streams.policy import AdmissionSpec, AdmissionState, ModelLoad, admit
 from streams.tables import model_load
 
@@ -113,7 +120,9 @@ class Admission:
               code=result.error_code or "")
         if result.outcome == "admit":
             assert result.admitted is not None
-            admitted = out(result.admitted)
+            # the partition the producer would pick for the model's key, known here: the
+            # record goes out in a batch with the others of its partition (outbox.send_all)
+            admitted = out(result.admitted, partition=model_partition(request.model))
             MEMO.remember(admitted.value, result.admitted)
             return [admitted]
         if result.outcome == "reject":

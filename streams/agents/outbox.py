@@ -31,6 +31,7 @@ from schemas import (
     reply_route,
 )
 from streams.app import app
+from streams.faust_app import ReadyRecord, RecordBuffer
 
 log = get_logger(__name__)
 
@@ -178,11 +179,19 @@ def known_topics(*names: str) -> None:
 async def send_all(outs: Iterable[Out]) -> None:
     """Hand every record to the app's producer, in order; returns once they are queued.
     Faust flushes this producer before it commits the offsets of the events that made them
-    (at-least-once). Straight to the producer rather than through `Topic.send`: our values
-    are bytes already, and Faust's channel machinery costs more than the send itself."""
+    (at-least-once). A record of one of our topics with its partition known goes to the
+    producer's RecordBuffer, which sends the records of each turn a batch per partition
+    (streams.faust_app, 7); others straight to the producer. Not through `Topic.send`: our
+    values are bytes already, and Faust's channel machinery costs more than the send itself."""
     producer = app.producer
+    buffer = producer.buffer
+    ready = isinstance(buffer, RecordBuffer) and not app.in_transaction
     for o in outs:
         if o.topic in _known:
+            if ready and o.partition is not None:
+                headers = list(o.headers) if o.headers else None
+                buffer.put_record(ReadyRecord(o.topic, o.key, o.value, o.partition, headers))
+                continue
             sent = await producer.send(
                 o.topic, o.key, o.value, o.partition, None, list(o.headers)
             )
@@ -193,6 +202,8 @@ async def send_all(outs: Iterable[Out]) -> None:
             task = asyncio.ensure_future(_first_send(o))
             _first_sends.add(task)
             task.add_done_callback(_first_sends.discard)
+    if ready:
+        await buffer.ebb()
 
 
 async def _first_send(o: Out) -> None:

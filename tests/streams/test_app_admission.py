@@ -27,7 +27,7 @@ from schemas.topics import ADMITTED, DEADLETTERS, REPLIES
 from streams.agents import admission as admission_module
 from streams.agents.admission import Admission, admission, retry_at, retry_deferred
 from streams.agents.outbox import Consumed, Out
-from streams.app import RETRY_AT_HEADER
+from streams.app import RETRY_AT_HEADER, model_partition
 from streams.policy import AdmissionSpec, ModelAdmission, ModelLoad
 from streams.tables import load_row_due
 
@@ -90,7 +90,9 @@ async def test_a_valid_request_is_admitted_keyed_by_model(agent: Any, sent: list
     req = request(latency_class="batch", prompt_token_ids=tuple(range(40)), prompt=None)
     await agent.put(value=encode(req), key=b"r-1")
     [admitted] = sent
-    assert (admitted.topic, admitted.key, admitted.partition) == (ADMITTED, b"tiny", None)
+    # the model's partition, as Kafka's default partitioner puts its key
+    partition = model_partition("tiny")
+    assert (admitted.topic, admitted.key, admitted.partition) == (ADMITTED, b"tiny", partition)
     assert dict(admitted.headers)["ember-schema"] == b"admitted_request/1.0"
     msg = decode(AdmittedRequest, admitted.value)
     assert msg.request == req

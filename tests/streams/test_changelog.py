@@ -9,10 +9,12 @@ import asyncio
 from typing import Any
 
 import pytest
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatch
 from aiokafka.structs import RecordMetadata, TopicPartition
 
 from streams.app import app
-from streams.faust_app import ChangelogRecord, RecordBuffer
+from streams.faust_app import ReadyRecord, RecordBuffer
 from streams.tables import _Queued, arrivals, model_load, placement, placement_requests
 
 
@@ -78,23 +80,43 @@ async def test_without_a_partition_the_write_goes_faust_s_way(
     assert buffer.take_records() == [] and calls[0]["key"] == "tiny"
 
 
-class FakeProducer:
-    """What RecordBuffer uses of Faust's producer: `send`, returning a future of the
-    record's metadata; sends to `fail_topic` raise."""
+class FakeClient:
+    """What RecordBuffer uses of aiokafka's producer: real batches (`create_batch`), and a
+    `send_batch` that keeps them and returns the future of the first record's metadata;
+    batches to `fail_topic` raise."""
 
-    def __init__(self, fail_topic: str = "") -> None:
-        self.sent: list[tuple[str, bytes | None, bytes | None, int]] = []
+    def __init__(self, fail_topic: str = "", batch_size: int = 16384) -> None:
+        self.batches: list[tuple[str, int, list[bytes | None]]] = []
         self.fail_topic = fail_topic
+        self.batch_size = batch_size
+        self.offset = 41
 
-    async def send(self, topic: str, key: bytes | None, value: bytes | None,
-                   partition: int, timestamp: Any, headers: Any) -> asyncio.Future[Any]:
+    def create_batch(self) -> BatchBuilder:
+        return BatchBuilder(self.batch_size, 0)
+
+    async def send_batch(
+        self, batch: BatchBuilder, topic: str, *, partition: int
+    ) -> asyncio.Future[Any]:
         if topic == self.fail_topic:
             raise RuntimeError("no metadata")
-        self.sent.append((topic, key, value, partition))
+        keys = [record.key for record in DefaultRecordBatch(bytes(batch._build()))]
+        self.batches.append((topic, partition, keys))
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        done.set_result(RecordMetadata(topic, partition, TopicPartition(topic, partition),
-                                       len(self.sent) + 40, -1, 0, 0))
+        tp = TopicPartition(topic, partition)
+        done.set_result(RecordMetadata(topic, partition, tp, self.offset, -1, 0, 0))
+        self.offset += len(keys)
         return done
+
+
+class FakeProducer:
+    """What RecordBuffer uses of Faust's producer: its aiokafka producer and topic list."""
+
+    def __init__(self, client: FakeClient) -> None:
+        self.client = client
+        self.topic_list = None
+
+    def _ensure_producer(self) -> FakeClient:
+        return self.client
 
 
 class FakeStore:
@@ -116,34 +138,71 @@ class FakeApp:
         self.conf = type("Conf", (), {"producer_threaded": False})()
 
 
-def record(topic: str, key: bytes, table: FakeTable) -> ChangelogRecord:
-    return ChangelogRecord(topic, key, b"row", 2, None, table)
+def record(topic: str, key: bytes, table: FakeTable | None, partition: int = 2) -> ReadyRecord:
+    return ReadyRecord(topic, key, b"row", partition, None, table)
 
 
-async def test_records_put_between_two_turns_take_one_entry_and_go_out_in_order() -> None:
-    producer = FakeProducer()
+def new_buffer(client: FakeClient) -> RecordBuffer:
     buffer = RecordBuffer()
-    buffer.app = FakeApp(producer)
+    buffer.app = FakeApp(FakeProducer(client))
+    return buffer
+
+
+async def test_records_put_between_two_turns_take_one_entry_and_go_a_batch_per_partition(
+) -> None:
+    client = FakeClient()
+    buffer = new_buffer(client)
     table = FakeTable()
-    for key in (b"a", b"b", b"c"):
-        buffer.put_record(record("t-changelog", key, table))
+    for key, partition in ((b"a", 2), (b"b", 0), (b"c", 2)):
+        buffer.put_record(record("t-changelog", key, table, partition))
+    buffer.put_record(record("ember.admitted", b"d", None, 2))  # an agent's, no table
     assert buffer.size == 1
     await buffer._send_pending(buffer.pending.get_nowait())
-    assert [key for _, key, _, _ in producer.sent] == [b"a", b"b", b"c"]
+    assert client.batches == [
+        ("t-changelog", 2, [b"a", b"c"]),
+        ("t-changelog", 0, [b"b"]),
+        ("ember.admitted", 2, [b"d"]),
+    ]
     assert buffer.size == 0 and buffer.take_records() == []
     await asyncio.sleep(0)  # the done callbacks
-    tp = TopicPartition("t-changelog", 2)
-    assert table.data.persisted == [(tp, 41), (tp, 42), (tp, 43)]
-    buffer.put_record(record("t-changelog", b"d", table))  # after the turn: a new entry
+    # each batch's last record of the table: offsets 41-42 (partition 2), then 43
+    assert table.data.persisted == [
+        (TopicPartition("t-changelog", 2), 42), (TopicPartition("t-changelog", 0), 43)
+    ]
+    buffer.put_record(record("t-changelog", b"e", table))  # after the turn: a new entry
     assert buffer.size == 1
+
+
+async def test_records_more_than_a_batch_holds_go_in_several_in_order() -> None:
+    client = FakeClient(batch_size=200)
+    buffer = new_buffer(client)
+    keys = [b"k%02d" % i for i in range(12)]
+    for key in keys:
+        buffer.put_record(record("t", key, None))
+    await buffer._send_pending(buffer.pending.get_nowait())
+    assert len(client.batches) > 1
+    assert [k for _, _, batch in client.batches for k in batch] == keys
 
 
 async def test_a_record_that_cannot_be_sent_does_not_stop_the_others() -> None:
-    producer = FakeProducer(fail_topic="gone-changelog")
-    buffer = RecordBuffer()
-    buffer.app = FakeApp(producer)
+    client = FakeClient(fail_topic="gone-changelog", batch_size=200)
+    buffer = new_buffer(client)
     table = FakeTable()
     buffer.put_record(record("gone-changelog", b"a", table))
-    buffer.put_record(record("t-changelog", b"b", table))
-    await buffer._send_pending(buffer.pending.get_nowait())
-    assert producer.sent == [("t-changelog", b"b", b"row", 2)]
+    buffer.put_record(ReadyRecord("t", b"huge", b"x" * 1000, 2, None, None))  # over a batch
+    buffer.put_record(record("t", b"b", None))
+    await buffer._send_pending(buffer.pending.get_nowait())  # the failure is logged
+    assert client.batches == [("t", 2, [b"huge"]), ("t", 2, [b"b"])]
+
+
+async def test_flush_waits_until_every_ready_record_is_handed_over() -> None:
+    client = FakeClient()
+    buffer = new_buffer(client)
+    await buffer.start()
+    try:
+        for key in (b"a", b"b"):
+            buffer.put_record(record("t", key, None))
+        await buffer.flush()
+        assert client.batches == [("t", 2, [b"a", b"b"])]
+    finally:
+        await buffer.stop()
