@@ -419,6 +419,47 @@ def on_admitted(
         raise ValueError(f"placement of {spec.model!r} got a request for {request.model!r}")
     if state.is_known(request.request_id):
         return PlacementStep(state)
+    if not any(state.pending.values()):
+        step = _place_at_once(spec, state, request, now)
+        if step is not None:
+            return step
+    return _queue_and_drain(spec, state, request, now)
+
+
+def _place_at_once(
+    spec: PlacementSpec, state: PlacementState, request: AdmittedRequest, now: int
+) -> PlacementStep | None:
+    """`on_admitted` while nothing waits: the request goes to the chosen worker at once
+    (warm), or None when no worker has room. The same step as queueing it and draining
+    (`_queue_and_drain`), with one copy of the worker and of the state instead of five."""
+    worker = choose_worker(spec, state.workers.values(), now, state.clock)
+    if worker is None or worker.partition is None:
+        return None
+    placed = request.placed_on(worker.worker_id, warm=True, at=now)
+    turn, clock = _took_turn(spec, worker, now, state.clock)
+    # it has work now: not idle (`with_work`)
+    taken = replace(worker, assigned=worker.assigned | {placed.request_id}, idle_since=None,
+                    turn=turn)
+    pending = state.pending
+    if len(pending) != len(LATENCY_CLASSES):  # draining leaves every class's queue, empty
+        pending = {**pending, **{c: () for c in LATENCY_CLASSES if c not in pending}}
+    new = replace(
+        state,
+        workers={**state.workers, worker.worker_id: taken},
+        in_flight={**state.in_flight, placed.request_id: InFlight(placed)},
+        pending=pending,
+        clock=clock,
+        arrivals_total=state.arrivals_total + 1,
+        warm_total=state.warm_total + 1,
+    )
+    return PlacementStep(new, (Placement(placed, worker.partition),))
+
+
+def _queue_and_drain(
+    spec: PlacementSpec, state: PlacementState, request: AdmittedRequest, now: int
+) -> PlacementStep:
+    """`on_admitted` in general: the request joins the tail of its class's queue, and
+    pending drains into whatever room there is."""
     cls = request.latency_class
     queued = replace(state, pending={**state.pending, cls: (*state.queued(cls), request)})
     drained, placements = _drain(spec, queued, now, frozenset({request.request_id}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import msgpack
 import pytest
@@ -13,6 +14,7 @@ from streams.policy.placement import (
     PlacementState,
     PlacementStep,
     WorkerView,
+    _queue_and_drain,
     choose_worker,
     failure_chunk,
     observe,
@@ -494,3 +496,26 @@ def test_state_survives_a_table_codec(roundtrip):
     assert roundtrip(state) == state
     step: PlacementStep = on_completed(SPEC, roundtrip(state), "r1", T0 + 2_000)
     assert [p.request.request_id for p in step.placements] == ["r5"]
+
+
+@pytest.mark.parametrize("spec", [SPEC, PlacementSpec(MODEL, default_slots=3, pack_below=0.5)])
+def test_placing_at_once_is_the_same_step_as_queueing_and_draining(spec):
+    """on_admitted's short way (nothing waits) against the general one, over a random run of
+    arrivals, heartbeats, workers coming ready and time passing, placed and pending alike."""
+    rng = random.Random(7)
+    state, at, short_ways, long_ways = PlacementState(MODEL), T0, 0, 0
+    for i in range(400):
+        at += rng.choice((0, 3, 40, 400, 4000))
+        roll = rng.random()
+        if roll < 0.3:
+            state = on_lifecycle(spec, state, heartbeat(f"w-{rng.randrange(3)}", at), at).state
+        elif roll < 0.35:
+            state = tick(spec, state, at).state
+        else:
+            request = admitted(f"r-{i}", rng.choice(("interactive", "batch")), at)
+            step = on_admitted(spec, state, request, at)
+            assert step == _queue_and_drain(spec, state, request, at)
+            short = not any(state.pending.values()) and bool(step.placements)
+            short_ways, long_ways = short_ways + short, long_ways + (not short)
+            state = step.state
+    assert short_ways > 20 and long_ways > 20, (short_ways, long_ways)  # both ways taken
