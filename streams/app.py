@@ -69,7 +69,7 @@ from schemas.topics import (
     LIFECYCLE,
     REQUESTS,
 )
-from streams.codec import MESSAGE_CODEC, register_codecs
+from streams.codec import MESSAGE_CODEC, RawSchema, register_codecs
 from streams.faust_app import DEFAULT_FETCH_MAX_WAIT_MS, EmberApp
 from streams.policy import (
     POLICIES,
@@ -334,10 +334,7 @@ def _ours(*names: str) -> faust.TopicT:
     """A topic declared in schemas.topics: raw bytes in, never created by Faust."""
     return app.topic(
         *names,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer=MESSAGE_CODEC,
+        schema=RawSchema(),
         partitions=CONTROL_PARTITIONS,
         internal=False,
     )
@@ -351,20 +348,14 @@ placement_topic = _ours(ADMITTED, LIFECYCLE)
 decisions_topic = _ours(DECISIONS)
 deadletters_topic = app.topic(
     DEADLETTERS,
-    key_type=bytes,
-    value_type=bytes,
-    key_serializer="raw",
-    value_serializer=MESSAGE_CODEC,
+    schema=RawSchema(),
     internal=False,
 )
 # Requests admission deferred: the request's own bytes, keyed by request id, with the time to
 # retry in the `ember-retry-at` header. Faust creates it (it is this app's, not the protocol's).
 deferred_topic = app.topic(
     f"{SETTINGS.group_id}-deferred",
-    key_type=bytes,
-    value_type=bytes,
-    key_serializer="raw",
-    value_serializer=MESSAGE_CODEC,
+    schema=RawSchema(),
     partitions=CONTROL_PARTITIONS,
     replicas=SETTINGS.replication_factor,
     retention=timedelta(days=1),

@@ -356,6 +356,16 @@ class RecordBuffer(ProducerBuffer):
         records, self._records = self._records, []
         return records
 
+    @property
+    def size(self) -> int:
+        """Entries waiting in the queue (Faust's `size`, without reading its settings: the
+        conductor asks, through `wait_until_ebb`, before every record it hands an agent)."""
+        return self.pending.qsize()
+
+    async def wait_until_ebb(self) -> None:
+        if self.pending.qsize() > self.max_messages:
+            await super().wait_until_ebb()
+
     async def ebb(self) -> None:
         """Wait while more than `max_records` records wait to be sent."""
         while len(self._records) > self.max_records:
