@@ -41,6 +41,8 @@ from datetime import timedelta
 from typing import Any
 
 import faust
+from faust.types import ModelT
+from faust.serializers.codecs import get_codec
 from faust.tables.wrappers import WindowWrapper
 
 from schemas import LATENCY_CLASSES, AdmittedRequest, decode, encode
@@ -85,7 +87,9 @@ class _Queued:
 class _Changelog(faust.Table):
     """Changelog records, serialized as Faust would, put in the producer's RecordBuffer
     (streams.faust_app, 7). Faust's own way where that buffer is not there, in a
-    transaction, or when the producer is to pick the partition."""
+    transaction, or when the producer is to pick the partition. Keys and values go straight
+    to the codec Faust's serializer registry would pick for them (`_codecs`); models, or a
+    changelog topic with a schema of its own, go through the registry itself."""
 
     def send_changelog(
         self,
@@ -99,16 +103,42 @@ class _Changelog(faust.Table):
         if partition is None or self.app.in_transaction or not isinstance(buffer, RecordBuffer):
             return super().send_changelog(partition, key, value, key_serializer, value_serializer)
         topic = self.changelog_topic
-        final_key, headers = topic.prepare_key(
-            key, key_serializer or self.key_serializer, None, {}
-        )
-        final_value, headers = topic.prepare_value(
-            value, value_serializer or self.value_serializer, None, headers
-        )
+        codecs = self._codecs(topic, key_serializer, value_serializer)
+        if codecs is None or isinstance(key, ModelT) or isinstance(value, ModelT):
+            final_key, headers = topic.prepare_key(
+                key, key_serializer or self.key_serializer, None, {}
+            )
+            final_value, headers = topic.prepare_value(
+                value, value_serializer or self.value_serializer, None, headers
+            )
+            items = list(headers.items()) if headers else None
+        else:
+            key_codec, value_codec = codecs
+            final_key = key if key is None or isinstance(key, bytes) else key_codec.dumps(key)
+            final_value = value if isinstance(value, bytes) else value_codec.dumps(value)
+            items = None
         name = topic.get_topic_name()
-        items = list(headers.items()) if headers else None
         buffer.put_record(ReadyRecord(name, final_key, final_value, partition, items, self))
         return _Queued(partition)
+
+    def _codecs(self, topic: Any, key_serializer: Any, value_serializer: Any) -> Any:
+        """(key codec, value codec) as Faust's registry resolves them for this changelog
+        topic (`Registry._serializer`: the first serializer named, here or on the schema or
+        the app), or None where the registry is needed: a schema class of Faust's default
+        leaves headers alone and decides nothing else. Resolved once per serializer pair."""
+        cache = self.__dict__.setdefault("_ember_codecs", {})
+        wanted = (key_serializer, value_serializer)
+        if wanted not in cache:
+            schema, registry = topic.schema, self.app.serializers
+            key_name = (key_serializer or self.key_serializer or schema.key_serializer
+                        or registry.key_serializer)
+            value_name = (value_serializer or self.value_serializer
+                          or schema.value_serializer or registry.value_serializer)
+            plain = type(schema) is faust.Schema and key_name and value_name
+            cache[wanted] = (
+                (get_codec(key_name), get_codec(value_name)) if plain else None
+            )
+        return cache[wanted]
 
 
 class ModelTable(_Changelog):
