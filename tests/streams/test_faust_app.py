@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 from aiokafka import TopicPartition
+from aiokafka.consumer.fetcher import Fetcher
+from aiokafka.consumer.subscription_state import Assignment
 from aiokafka.structs import OffsetAndMetadata
 from faust.types import TP
 
 import pytest
 
-from streams.faust_app import EmberApp, commit_start_offsets, start_eagerly
+from streams.faust_app import EmberApp, commit_start_offsets, lean_fetch_rounds, start_eagerly
 
 
 def app(**options: Any) -> EmberApp:
@@ -245,3 +248,62 @@ async def test_a_rest_cancelled_without_a_future_to_cancel_ends_the_callback(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert cleaned == ["cleanup"]
+
+
+def bare_fetcher() -> Any:
+    """An aiokafka Fetcher with what its `_get_actions_per_node` reads, and no client:
+    `ember.lifecycle`'s partitions lead on node 1, all others on node 0."""
+    fetcher = object.__new__(Fetcher)
+    fetcher._records = {}
+    fetcher._in_flight = set()
+    fetcher._preferred_read_replica = {}
+    leader = lambda tp: 1 if tp.topic == "ember.lifecycle" else 0  # noqa: E731
+    fetcher._client = SimpleNamespace(cluster=SimpleNamespace(leader_for_partition=leader))
+    fetcher._max_partition_fetch_bytes = 1 << 20
+    fetcher._fetch_max_wait_ms, fetcher._fetch_min_bytes, fetcher._fetch_max_bytes = 100, 1, 1 << 26
+    fetcher._isolation_level, fetcher._client_rack, fetcher._fetcher_timeout = 0, None, 0.2
+    return fetcher
+
+
+def fetched(actions: Any) -> set[TopicPartition]:
+    return {TopicPartition(topic, p) for _, request in actions[0]
+            for topic, parts in request.topics for p, _, _ in parts}
+
+
+async def test_a_fetch_round_walks_past_quiet_paused_partitions_to_the_same_actions() -> None:
+    busy = [TopicPartition("ember.requests", p) for p in range(4)]
+    changelog = [TopicPartition("ember-placement-changelog", p) for p in range(4)]
+    assignment = Assignment([*busy, *changelog, TopicPartition("ember.lifecycle", 0)])
+    for tp in busy + changelog:
+        assignment.state_value(tp).seek(7)  # the lifecycle partition awaits its reset (node 1)
+    for tp in changelog:
+        assignment.state_value(tp).pause()
+    plain, lean = bare_fetcher(), bare_fetcher()
+    assert lean_fetch_rounds(lean)
+    lean._records[changelog[0]] = plain._records[changelog[0]] = SimpleNamespace(
+        calculate_backoff=lambda: 0)  # buffered before its pause: aiokafka's own way
+
+    expected = Fetcher._get_actions_per_node(plain, assignment)
+    got = lean._get_actions_per_node(assignment)
+    assert fetched(got) == fetched(expected) == set(busy)
+    assert got[1:4] == expected[1:4]  # the reset request, timeout, metadata flag
+    assert dict(got[1]) == {1: [TopicPartition("ember.lifecycle", 0)]}
+    # one future stands for the three quiet partitions' resumes
+    assert len(expected[4]) == 3 and len(got[4]) == 1
+    quiet_future = got[4][-1]
+    assert not quiet_future.done()
+    assert lean._get_actions_per_node(assignment)[4][-1] is quiet_future  # kept while quiet
+
+    assignment.state_value(changelog[2]).resume()
+    await asyncio.sleep(0)
+    assert quiet_future.done()  # the round wakes
+    again = lean._get_actions_per_node(assignment)
+    assert fetched(again) == set(busy) | {changelog[2]}
+    assert not again[4][-1].done()  # a new one for those still quiet
+
+    assignment.state_value(changelog[2]).pause()  # paused again: a set seen before, anew
+    assert not lean._get_actions_per_node(assignment)[4][-1].done()
+
+
+def test_a_fetcher_of_another_make_is_left_as_it_is() -> None:
+    assert not lean_fetch_rounds(SimpleNamespace())
