@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,6 +225,23 @@ async def _first_send(o: Out) -> None:
 def _log_failure(sent: Any) -> None:
     if not sent.cancelled() and sent.exception() is not None:
         log.error("a record could not be produced", error=repr(sent.exception())[:300])
+
+
+async def bursts(stream: Any, most: int) -> AsyncIterator[list[Any]]:
+    """The stream's events in lists: each event with those already waiting behind it, at
+    most `most`, so that an agent takes a burst in one step. The events of a list are acked
+    when the agent asks for the next one, after it handled them (and queued what they made,
+    which Faust flushes before it commits their offsets): at-least-once, as one at a time."""
+    stream.enable_acks = False  # acked here, once handled
+    burst: list[Any] = []
+    async for event in stream.events():
+        burst.append(event)
+        if len(burst) < most and not stream.channel.queue.empty():
+            continue
+        yield burst
+        for handled in burst:
+            await stream.ack(handled)
+        burst = []
 
 
 def safely(component: str, record: Consumed, step: Any, *args: Any) -> list[Out]:

@@ -4,7 +4,9 @@ Both topics are keyed by model and co-partitioned, so one agent task reads, in o
 request and every worker event of the models of its partitions, and owns their
 PlacementState (streams.tables.PlacementStore). Each record goes through the pure placement
 policy (`streams.policy.placement`); the agent writes the new state back and sends what the
-step says:
+step says. The agent takes the records already waiting together (`outbox.bursts`), and
+admitted requests in a row of one model and class take one step (`on_admitted_all`: the same
+as one after the other, with one copy of the state):
 
 - each Placement: the AdmittedRequest (worker_id, warm, placed_at set by `placed_on`) to the
   worker's own partition of the model topic, keyed by request id. Workers are *assigned*
@@ -28,7 +30,7 @@ scale-up from zero waits for no tick.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -40,6 +42,7 @@ from schemas import (
     Cancel,
     LifecycleEvent,
     ScaleDecision,
+    SchemaError,
     TokenChunk,
     decode,
     decode_admitted_record,
@@ -48,14 +51,27 @@ from schemas import (
     key_for,
 )
 from schemas.topics import LIFECYCLE, model_topic_name
-from streams.agents.outbox import MEMO, Consumed, Out, count, now_ms, out, safely, send_all
+from streams.agents.outbox import (
+    MEMO,
+    Consumed,
+    Out,
+    bursts,
+    count,
+    now_ms,
+    out,
+    rejected_outs,
+    safely,
+    send_all,
+)
 from streams.app import SETTINGS, app, placement_topic
 from streams.policy import PlacementSpec, PlacementState, PlacementStep
-from streams.policy.placement import failure_chunk, on_admitted, on_lifecycle, tick
+from streams.policy.placement import failure_chunk, on_admitted_all, on_lifecycle, tick
 from streams.policy.scaling import BOOTING_STATES
 from streams.tables import PlacementStore, writing_for
 
 log = get_logger(__name__)
+
+MAX_BURST = 64  # records the agent takes in one step when that many wait
 
 
 class Placer:
@@ -85,9 +101,66 @@ class Placer:
         spec = self.specs.get(request.model)
         if spec is None:
             return [out(_unknown_model(request, now), request.request.reply_topic)]
-        as_received = {request.request_id: bytes(record.value or b"")}
+        return self._admitted(spec, [(record, request)], now)
+
+    def on_records(self, records: Sequence[Consumed], now: int) -> list[Out]:
+        """Records that arrived together, in order: what `on_record` gives for each, one
+        after the other (each bad record its dead letter). Admitted requests in a row of one
+        model and latency class take one step of the policy (`on_admitted_all`)."""
+        outs: list[Out] = []
+        run: list[tuple[Consumed, AdmittedRequest]] = []
+        for record in records:
+            request = self._placeable(record)
+            if run and (request is None or (request.model, request.latency_class) != (
+                run[0][1].model, run[0][1].latency_class
+            )):
+                outs += self._run(run, now)
+                run = []
+            if request is None:
+                outs += safely("placement", record, self.on_record, now)
+            else:
+                run.append((record, request))
+        if run:
+            outs += self._run(run, now)
+        return outs
+
+    def _placeable(self, record: Consumed) -> AdmittedRequest | None:
+        """The admitted request of a model placed here that `record` holds; None for any
+        other record (a worker's event, a cancel, a bad record, another model's request)."""
+        if record.topic == LIFECYCLE:
+            return None
+        message = MEMO.take(record.value)
+        if message is None:
+            try:
+                message = decode_admitted_record(record.value, record.headers)
+            except SchemaError:
+                return None
+        if isinstance(message, AdmittedRequest) and message.model in self.specs:
+            return message
+        return None
+
+    def _run(self, run: list[tuple[Consumed, AdmittedRequest]], now: int) -> list[Out]:
+        """A row of admitted requests of one model and class in one step. Should the step
+        fail before the state changed, each one alone (its dead letter if it fails again);
+        after, each its dead letter, as `safely` gives one record."""
+        model = run[0][1].model
+        before = self.store.get(model)
+        try:
+            return self._admitted(self.specs[model], run, now)
+        except Exception as exc:
+            log.exception("placing requests together failed", model=model, requests=len(run))
+            if self.store.get(model) is before:
+                step = self.on_record
+                return [o for record, _ in run for o in safely("placement", record, step, now)]
+            return [o for record, _ in run for o in rejected_outs(record, exc, "placement", now)]
+
+    def _admitted(
+        self, spec: PlacementSpec, run: list[tuple[Consumed, AdmittedRequest]], now: int
+    ) -> list[Out]:
+        requests = [request for _, request in run]
+        as_received = {r.request_id: bytes(c.value or b"") for c, r in run}
         outs = self._apply(
-            spec, lambda state: on_admitted(spec, state, request, now), now, as_received
+            spec, lambda state: on_admitted_all(spec, state, requests, now), now, as_received
         )
         if self.on_empty_pool is not None and not has_pool(self.store.get(spec.model)):
             self.on_empty_pool(spec.model)
@@ -259,9 +332,9 @@ PLACER = Placer({m: s.placement for m, s in SETTINGS.model_specs().items()}, Pla
 
 @app.agent(placement_topic, name="placement")
 async def placement(stream: faust.StreamT[bytes]) -> None:
-    async for event in stream.events():
-        record = Consumed.of(event)
-        await send_all(safely("placement", record, PLACER.on_record, now_ms()))
+    async for events in bursts(stream, MAX_BURST):
+        records = [Consumed.of(event) for event in events]
+        await send_all(PLACER.on_records(records, now_ms()))
 
 
 @app.on_partitions_revoked.connect

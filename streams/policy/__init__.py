@@ -5,8 +5,8 @@ caller stores (`to_dict` / `from_dict` for a table), outputs are plain values or
 messages. The streams agents, the tests and the fleet simulator run the same code.
 
     admission.admit(spec, state, request, now) -> (state, AdmissionResult)
-    placement.on_admitted / on_lifecycle / on_completed / tick(spec, state, ..., now)
-        -> PlacementStep;  placement.observe(spec, state, now) -> Observation
+    placement.on_admitted / on_admitted_all / on_lifecycle / on_completed / tick(spec, state,
+        ..., now) -> PlacementStep;  placement.observe(spec, state, now) -> Observation
     autoscaler.decide(spec, state, observation, now) -> (state, [Decision])
     baselines: FullyColdPolicy, AlwaysOnPolicy, KnativePolicy (the same Policy protocol)
 """
@@ -37,6 +37,7 @@ from streams.policy.placement import (
     WorkerGone,
     observe,
     on_admitted,
+    on_admitted_all,
     on_completed,
     on_lifecycle,
     tick,
@@ -82,6 +83,7 @@ __all__ = [
     "decide",
     "observe",
     "on_admitted",
+    "on_admitted_all",
     "on_completed",
     "on_lifecycle",
     "tick",

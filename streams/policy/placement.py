@@ -71,7 +71,7 @@ its own events and to compare with placement times.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -424,6 +424,38 @@ def on_admitted(
         if step is not None:
             return step
     return _queue_and_drain(spec, state, request, now)
+
+
+def on_admitted_all(
+    spec: PlacementSpec, state: PlacementState, requests: Sequence[AdmittedRequest], now: int
+) -> PlacementStep:
+    """Requests of one latency class that arrived together, in order: the same step as
+    `on_admitted` for one after the other (pending drains whenever room appears, so it is
+    empty or there is no room, and a class's requests queue in arrival order), with one copy
+    of the state for them all. Raises ValueError for a request of another model or class."""
+    fresh: list[AdmittedRequest] = []
+    ids: set[str] = set()
+    for request in requests:
+        if request.model != spec.model:
+            raise ValueError(f"placement of {spec.model!r} got a request for {request.model!r}")
+        if request.latency_class != requests[0].latency_class:
+            raise ValueError("on_admitted_all takes requests of one latency class")
+        if request.request_id not in ids and not state.is_known(request.request_id):
+            ids.add(request.request_id)
+            fresh.append(request)
+    if len(fresh) <= 1:
+        return on_admitted(spec, state, fresh[0], now) if fresh else PlacementStep(state)
+    cls = fresh[0].latency_class
+    queued = replace(state, pending={**state.pending, cls: (*state.queued(cls), *fresh)})
+    drained, placements = _drain(spec, queued, now, frozenset(ids))
+    warm = sum(p.request.request_id in ids for p in placements)
+    counted = replace(
+        drained,
+        arrivals_total=drained.arrivals_total + len(fresh),
+        warm_total=drained.warm_total + warm,
+        cold_total=drained.cold_total + len(fresh) - warm,
+    )
+    return PlacementStep(counted, tuple(placements))
 
 
 def _place_at_once(

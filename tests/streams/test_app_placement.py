@@ -20,10 +20,10 @@ from schemas import (
     encode,
     record_for,
 )
-from schemas.topics import ADMITTED, DECISIONS, LIFECYCLE, model_topic_name
+from schemas.topics import ADMITTED, DEADLETTERS, DECISIONS, LIFECYCLE, model_topic_name
 from streams.agents import placement as placement_module
 from streams.agents.autoscaler import Autoscaler
-from streams.agents.outbox import Consumed, Out
+from streams.agents.outbox import Consumed, Out, safely
 from streams.agents.placement import Placer, placement
 from streams.app import model_partition
 from streams.policy import (
@@ -248,6 +248,71 @@ async def test_the_placement_agent_reads_both_topics(agent_outs: list[Out]) -> N
     assert (placement_out.topic, placement_out.partition) == (TOPIC, 3)
     assert decode(AdmittedRequest, placement_out.value).warm is True
     assert letter.topic == "ember.deadletters"
+
+
+def test_records_that_arrive_together_give_what_each_gives_in_turn() -> None:
+    """A burst: requests of two classes, a worker's events, a cancel, a bad record and another
+    model's request between them. Placer.on_records against on_record for each in turn, on
+    two fresh sets of tables: the same records out, the same rows."""
+    one, together = Tables(), Tables()
+    late = admitted("x-1")
+    other_model = AdmittedRequest(
+        request=Request(request_id="x-2", model="elsewhere", submitted_at=T0, prompt="hi"),
+        latency_class="interactive", prompt_tokens=1, prompt_bucket=16, admitted_at=T0,
+    )
+    msgs: list[tuple[Any, str]] = [
+        *((e, LIFECYCLE) for e in ready("w-1", 3, T0, slots=4)),
+        (admitted("r-1"), ADMITTED), (admitted("r-2"), ADMITTED), (admitted("r-3"), ADMITTED),
+        (admitted("b-1", "batch"), ADMITTED), (admitted("b-2", "batch"), ADMITTED),
+        (cancel("b-2"), ADMITTED), (b"\x00", ADMITTED), (other_model, ADMITTED),
+        (admitted("r-1"), ADMITTED), (late, ADMITTED), (admitted("r-4"), ADMITTED),
+    ]
+    records = [
+        Consumed(ADMITTED, model_partition(MODEL), i, MODEL.encode(), msg, None)
+        if isinstance(msg, bytes) else consumed(msg, topic, i)
+        for i, (msg, topic) in enumerate(msgs)
+    ]
+    one_placer, together_placer = one.placer(), together.placer()
+    expected = [o for r in records for o in safely("placement", r, one_placer.on_record, T0)]
+    got = together_placer.on_records(records, T0)
+    assert [(o.topic, o.key, o.partition) for o in got] == [
+        (o.topic, o.key, o.partition) for o in expected
+    ]
+    assert [o.value for o in got if o.topic != DEADLETTERS] == [
+        o.value for o in expected if o.topic != DEADLETTERS
+    ]  # a dead letter says when it was written
+    assert (together.head, together.requests) == (one.head, one.requests)
+    assert len(placed(got)) == 4 and sum(o.topic == DEADLETTERS for o in got) == 1
+
+
+def test_a_burst_whose_step_fails_is_placed_one_at_a_time(
+    tables: Tables, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = placement_module.on_admitted_all
+
+    def only_alone(spec: Any, state: Any, requests: Any, now: int) -> Any:
+        if len(requests) > 1:
+            raise RuntimeError("a bug that only bursts meet")
+        return real(spec, state, requests, now)
+
+    monkeypatch.setattr(placement_module, "on_admitted_all", only_alone)
+    placer = tables.placer(default_slots=4)
+    feed(placer, *ready("w-1", 3, T0, slots=4))
+    records = [consumed(admitted(f"r-{i}"), ADMITTED, i) for i in range(3)]
+    outs = placer.on_records(records, T0)
+    assert [r.request_id for _, r in placed(outs)] == ["r-0", "r-1", "r-2"]
+
+
+def test_a_burst_that_fails_once_placed_gives_each_record_its_dead_letter(
+    tables: Tables, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    placer = tables.placer()
+    feed(placer, *ready("w-1", 3, T0, slots=4))
+    monkeypatch.setattr(placer, "_outs", lambda *args: 1 / 0)  # after the state is stored
+    records = [consumed(admitted(f"r-{i}"), ADMITTED, i) for i in range(2)]
+    outs = placer.on_records(records, T0)
+    assert [o.topic for o in outs] == [DEADLETTERS, "ember.replies"] * 2
+    assert {decode(TokenChunk, o.value).request_id for o in outs[1::2]} == {"r-0", "r-1"}
 
 
 # --- autoscaler -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from streams.policy.placement import (
     failure_chunk,
     observe,
     on_admitted,
+    on_admitted_all,
     on_completed,
     on_lifecycle,
     tick,
@@ -519,3 +520,41 @@ def test_placing_at_once_is_the_same_step_as_queueing_and_draining(spec):
             short_ways, long_ways = short_ways + short, long_ways + (not short)
             state = step.state
     assert short_ways > 20 and long_ways > 20, (short_ways, long_ways)  # both ways taken
+
+
+@pytest.mark.parametrize("spec", [SPEC, PlacementSpec(MODEL, default_slots=3, pack_below=0.5)])
+def test_requests_that_arrive_together_take_the_same_step_as_one_after_another(spec):
+    """on_admitted_all against on_admitted for each in turn, over a random run of bursts
+    (some with a request twice, or one already known), heartbeats and time passing."""
+    rng = random.Random(11)
+    state, at, n, placed_in_bursts, queued_in_bursts = PlacementState(MODEL), T0, 0, 0, 0
+    for _ in range(300):
+        at += rng.choice((0, 3, 40, 400, 4000))
+        if rng.random() < 0.6:
+            beat = heartbeat(f"w-{rng.randrange(3)}", at, total=8)
+            state = on_lifecycle(spec, state, beat, at).state
+            continue
+        cls = rng.choice(("interactive", "batch"))
+        burst = [admitted(f"r-{n + i}", cls, at) for i in range(rng.randint(2, 6))]
+        n += len(burst)
+        if rng.random() < 0.2:
+            burst.append(burst[0])  # redelivered within the burst
+        one_by_one, placements = state, []
+        for request in burst:
+            step = on_admitted(spec, one_by_one, request, at)
+            one_by_one, placements = step.state, placements + list(step.placements)
+        together = on_admitted_all(spec, state, burst, at)
+        assert together == PlacementStep(one_by_one, tuple(placements))
+        placed_in_bursts += len(placements)
+        state = together.state
+        waiting = {r.request_id for queue in state.pending.values() for r in queue}
+        queued_in_bursts += any(r.request_id in waiting for r in burst)
+    assert placed_in_bursts > 50 and queued_in_bursts > 10, (placed_in_bursts, queued_in_bursts)
+
+
+def test_requests_placed_together_are_of_one_model_and_class():
+    with pytest.raises(ValueError, match="one latency class"):
+        on_admitted_all(SPEC, PlacementState(MODEL), [admitted("a"), admitted("b", "batch")], T0)
+    other = PlacementSpec("org/other")
+    with pytest.raises(ValueError, match="got a request for"):
+        on_admitted_all(other, PlacementState("org/other"), [admitted("a"), admitted("b")], T0)
