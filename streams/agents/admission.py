@@ -5,7 +5,9 @@ A cancel on `ember.requests` (docs/PROTOCOL.md §5.3) is forwarded unchanged to
 request is answered `cancelled` when it comes back instead of being admitted.
 
 Each request is decoded (a bad key or value: dead letter, plus a `rejected` chunk when its
-reply topic is readable) and handed to `streams.policy.admission.admit`. Its outcome:
+reply topic is readable) and handed to `streams.policy.admission.admit`, in order; the agent
+takes the requests already waiting together and sends what they make at once
+(`outbox.bursts`). A request's outcome:
 
 - admit: the AdmittedRequest goes to `ember.admitted`, keyed by model, so one placement task
   owns each model;
@@ -44,7 +46,17 @@ from schemas import (
     key_for,
 )
 from schemas.topics import ADMITTED
-from streams.agents.outbox import MEMO, Consumed, Out, count, now_ms, out, safely, send_all
+from streams.agents.outbox import (
+    MEMO,
+    Consumed,
+    Out,
+    bursts,
+    count,
+    now_ms,
+    out,
+    safely,
+    send_all,
+)
 from streams.app import (
     RETRY_AT_HEADER,
     SETTINGS,
@@ -59,6 +71,7 @@ from streams.tables import model_load
 log = get_logger(__name__)
 
 PRUNE_EVERY_MS = 60_000  # drop refilled tenant buckets and lost deferrals this often
+MAX_BURST = 64  # requests the agent takes in one step when that many wait
 
 
 def retry_at(headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None) -> int:
@@ -190,9 +203,11 @@ ADMISSION = Admission(SETTINGS.admission_spec(), deferred_topic.get_topic_name()
 
 @app.agent(requests_topic, name="admission")
 async def admission(stream: faust.StreamT[bytes]) -> None:
-    async for event in stream.events():
-        record = Consumed.of(event)
-        await send_all(safely("admission", record, ADMISSION.step, now_ms()))
+    async for events in bursts(stream, MAX_BURST):
+        now = now_ms()
+        await send_all(
+            [o for e in events for o in safely("admission", Consumed.of(e), ADMISSION.step, now)]
+        )
 
 
 @app.agent(deferred_topic, name="retry-deferred")
