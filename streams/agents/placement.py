@@ -42,7 +42,6 @@ from schemas import (
     Cancel,
     LifecycleEvent,
     ScaleDecision,
-    SchemaError,
     TokenChunk,
     decode,
     decode_admitted_record,
@@ -133,7 +132,7 @@ class Placer:
         if message is None:
             try:
                 message = decode_admitted_record(record.value, record.headers)
-            except SchemaError:
+            except Exception:  # on_record meets it again and answers with the dead letter
                 return None
         if isinstance(message, AdmittedRequest) and message.model in self.specs:
             return message
@@ -144,12 +143,13 @@ class Placer:
         fail before the state changed, each one alone (its dead letter if it fails again);
         after, each its dead letter, as `safely` gives one record."""
         model = run[0][1].model
-        before = self.store.get(model)
+        before: PlacementState | None = None
         try:
+            before = self.store.get(model)
             return self._admitted(self.specs[model], run, now)
         except Exception as exc:
             log.exception("placing requests together failed", model=model, requests=len(run))
-            if self.store.get(model) is before:
+            if self.store.cached().get(model) is before:
                 step = self.on_record
                 return [o for record, _ in run for o in safely("placement", record, step, now)]
             return [o for record, _ in run for o in rejected_outs(record, exc, "placement", now)]
