@@ -320,7 +320,7 @@ def lean_fetch_rounds(fetcher: Any) -> bool:
         records = fetcher._records
         quiet = tuple(
             tp for tp, st in states.items()
-            if st._paused and st._position is not None and tp not in records
+            if st.paused and st.has_valid_position and tp not in records
         )
         if not quiet:
             return original(assignment)
