@@ -69,6 +69,14 @@ async def event_loop() -> asyncio.AbstractEventLoop:
     return asyncio.get_running_loop()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the broker (the `kafka_settings` fixture, directly or through
+    another fixture) is marked `kafka`, so `-m "not kafka"` runs only tests that need none."""
+    for item in items:
+        if "kafka_settings" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kafka)
+
+
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
     """A test that configures logging (to a captured stream) must not leave its handlers to
