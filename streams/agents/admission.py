@@ -71,7 +71,6 @@ from streams.tables import model_load
 log = get_logger(__name__)
 
 PRUNE_EVERY_MS = 60_000  # drop refilled tenant buckets and lost deferrals this often
-MAX_BURST = 64  # requests the agent takes in one step when that many wait
 
 
 def retry_at(headers: Sequence[tuple[str, bytes]] | Mapping[str, bytes] | None) -> int:
@@ -203,7 +202,7 @@ ADMISSION = Admission(SETTINGS.admission_spec(), deferred_topic.get_topic_name()
 
 @app.agent(requests_topic, name="admission")
 async def admission(stream: faust.StreamT[bytes]) -> None:
-    async for events in bursts(stream, MAX_BURST):
+    async for events in bursts(stream):
         now = now_ms()
         await send_all(
             [o for e in events for o in safely("admission", Consumed.of(e), ADMISSION.step, now)]

@@ -227,7 +227,10 @@ def _log_failure(sent: Any) -> None:
         log.error("a record could not be produced", error=repr(sent.exception())[:300])
 
 
-async def bursts(stream: Any, most: int) -> AsyncIterator[list[Any]]:
+MAX_BURST = 64  # events an agent takes in one step when that many wait
+
+
+async def bursts(stream: Any, most: int = MAX_BURST) -> AsyncIterator[list[Any]]:
     """The stream's events in lists: each event with those already waiting behind it, at
     most `most`, so that an agent takes a burst in one step. The events of a list are acked
     when the agent asks for the next one, after it handled them (and queued what they made,

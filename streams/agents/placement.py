@@ -70,8 +70,6 @@ from streams.tables import PlacementStore, writing_for
 
 log = get_logger(__name__)
 
-MAX_BURST = 64  # records the agent takes in one step when that many wait
-
 
 class Placer:
     """Runs the placement policy for the models of this process and turns steps into Outs."""
@@ -332,7 +330,7 @@ PLACER = Placer({m: s.placement for m, s in SETTINGS.model_specs().items()}, Pla
 
 @app.agent(placement_topic, name="placement")
 async def placement(stream: faust.StreamT[bytes]) -> None:
-    async for events in bursts(stream, MAX_BURST):
+    async for events in bursts(stream):
         records = [Consumed.of(event) for event in events]
         await send_all(PLACER.on_records(records, now_ms()))
 
