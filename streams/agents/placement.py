@@ -41,6 +41,7 @@ from schemas import (
     AdmittedRequest,
     Cancel,
     LifecycleEvent,
+    Message,
     ScaleDecision,
     TokenChunk,
     decode,
@@ -88,8 +89,7 @@ class Placer:
                 count("ember_lifecycle_ignored_total")
                 return []
             return self._apply(spec, lambda state: on_lifecycle(spec, state, event, now), now)
-        remembered = MEMO.take(record.value)
-        message = remembered or decode_admitted_record(record.value, record.headers)
+        message = _admitted_message(record)
         if isinstance(message, Cancel):
             return self._cancel(message, bytes(record.value or b""), now)
         if not isinstance(message, AdmittedRequest):
@@ -126,12 +126,10 @@ class Placer:
         other record (a worker's event, a cancel, a bad record, another model's request)."""
         if record.topic == LIFECYCLE:
             return None
-        message = MEMO.take(record.value)
-        if message is None:
-            try:
-                message = decode_admitted_record(record.value, record.headers)
-            except Exception:  # on_record meets it again and answers with the dead letter
-                return None
+        try:
+            message = _admitted_message(record)
+        except Exception:  # on_record meets it again and answers with the dead letter
+            return None
         if isinstance(message, AdmittedRequest) and message.model in self.specs:
             return message
         return None
@@ -253,6 +251,12 @@ class Placer:
         if step.placements:
             count("ember_placements_total", len(step.placements), model=model)
         return outs
+
+
+def _admitted_message(record: Consumed) -> Message:
+    """A record of `ember.admitted`: the message admission made in this process for the same
+    bytes (`MEMO`), else the record decoded and validated."""
+    return MEMO.take(record.value) or decode_admitted_record(record.value, record.headers)
 
 
 def has_pool(state: PlacementState) -> bool:

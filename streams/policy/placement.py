@@ -423,7 +423,7 @@ def on_admitted(
         step = _place_at_once(spec, state, request, now)
         if step is not None:
             return step
-    return _queue_and_drain(spec, state, request, now)
+    return _queue_and_drain(spec, state, [request], now)
 
 
 def on_admitted_all(
@@ -445,17 +445,7 @@ def on_admitted_all(
             fresh.append(request)
     if len(fresh) <= 1:
         return on_admitted(spec, state, fresh[0], now) if fresh else PlacementStep(state)
-    cls = fresh[0].latency_class
-    queued = replace(state, pending={**state.pending, cls: (*state.queued(cls), *fresh)})
-    drained, placements = _drain(spec, queued, now, frozenset(ids))
-    warm = sum(p.request.request_id in ids for p in placements)
-    counted = replace(
-        drained,
-        arrivals_total=drained.arrivals_total + len(fresh),
-        warm_total=drained.warm_total + warm,
-        cold_total=drained.cold_total + len(fresh) - warm,
-    )
-    return PlacementStep(counted, tuple(placements))
+    return _queue_and_drain(spec, state, fresh, now)
 
 
 def _place_at_once(
@@ -488,19 +478,21 @@ def _place_at_once(
 
 
 def _queue_and_drain(
-    spec: PlacementSpec, state: PlacementState, request: AdmittedRequest, now: int
+    spec: PlacementSpec, state: PlacementState, requests: Sequence[AdmittedRequest], now: int
 ) -> PlacementStep:
-    """`on_admitted` in general: the request joins the tail of its class's queue, and
-    pending drains into whatever room there is."""
-    cls = request.latency_class
-    queued = replace(state, pending={**state.pending, cls: (*state.queued(cls), request)})
-    drained, placements = _drain(spec, queued, now, frozenset({request.request_id}))
-    warm = any(p.request.request_id == request.request_id for p in placements)
+    """`on_admitted` in general, for new requests of one class: they join the tail of their
+    class's queue, and pending drains into whatever room there is. Those placed now are
+    warm, the others cold."""
+    cls = requests[0].latency_class
+    queued = replace(state, pending={**state.pending, cls: (*state.queued(cls), *requests)})
+    ids = frozenset(r.request_id for r in requests)
+    drained, placements = _drain(spec, queued, now, ids)
+    warm = sum(p.request.request_id in ids for p in placements)
     counted = replace(
         drained,
-        arrivals_total=drained.arrivals_total + 1,
+        arrivals_total=drained.arrivals_total + len(requests),
         warm_total=drained.warm_total + warm,
-        cold_total=drained.cold_total + (not warm),
+        cold_total=drained.cold_total + len(requests) - warm,
     )
     return PlacementStep(counted, tuple(placements))
 

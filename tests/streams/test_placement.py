@@ -515,7 +515,7 @@ def test_placing_at_once_is_the_same_step_as_queueing_and_draining(spec):
         else:
             request = admitted(f"r-{i}", rng.choice(("interactive", "batch")), at)
             step = on_admitted(spec, state, request, at)
-            assert step == _queue_and_drain(spec, state, request, at)
+            assert step == _queue_and_drain(spec, state, [request], at)
             short = not any(state.pending.values()) and bool(step.placements)
             short_ways, long_ways = short_ways + short, long_ways + (not short)
             state = step.state
